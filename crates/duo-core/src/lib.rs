@@ -1,0 +1,6 @@
+//! duo-core: Stable Diffusion components on Burn (networks, tokenizer, schedulers, pipelines),
+//! LoRA and the DUO objective.
+
+pub mod error;
+
+pub use error::{DuoError, Result};
