@@ -2,5 +2,7 @@
 //! LoRA and the DUO objective.
 
 pub mod error;
+pub mod fsutil;
+pub mod tensor_file;
 
 pub use error::{DuoError, Result};

@@ -1,0 +1,18 @@
+//! File writes that never leave a half-written file behind: a crash or Ctrl-C keeps the old one.
+
+use std::io::Write;
+use std::path::Path;
+
+use crate::error::{DuoError, Result};
+
+/// Writes `bytes` to a temporary file beside `path`, syncs it, then renames it over `path`.
+pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
+    if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+        std::fs::create_dir_all(dir).map_err(|e| DuoError::io(dir, e))?;
+    }
+    let file_name = path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+    let tmp = path.with_file_name(format!(".{file_name}.tmp-{}", std::process::id()));
+    let mut file = std::fs::File::create(&tmp).map_err(|e| DuoError::io(&tmp, e))?;
+    file.write_all(bytes).and_then(|()| file.sync_all()).map_err(|e| DuoError::io(&tmp, e))?;
+    std::fs::rename(&tmp, path).map_err(|e| DuoError::io(path, e))
+}
