@@ -1,8 +1,14 @@
 //! duo-core: Stable Diffusion components on Burn (networks, tokenizer, schedulers, pipelines),
 //! LoRA and the DUO objective.
 
+pub mod device;
 pub mod error;
+pub mod folder;
+pub mod forward;
 pub mod fsutil;
+pub mod models;
 pub mod tensor_file;
+pub mod weights;
 
 pub use error::{DuoError, Result};
+pub use folder::ModelFolder;

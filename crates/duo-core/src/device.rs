@@ -1,0 +1,191 @@
+//! Backend and device selection at run time (`--device`, `--dtype`). Every network is generic over
+//! `B: Backend`; the cargo features decide which backends are compiled in, and a command runs its
+//! work through [`dispatch`], which picks the backend type for the chosen device.
+
+use std::fmt;
+use std::str::FromStr;
+
+use burn::prelude::*;
+use burn::tensor::DType;
+
+use crate::error::{DuoError, Result};
+
+/// A device named on the command line: `cpu`, `ndarray`, `wgpu[:N]`, `vulkan[:N]`, `cuda[:N]`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DeviceChoice {
+    /// Burn's Flex CPU backend (feature `flex`).
+    Cpu,
+    /// Burn's NdArray CPU backend (feature `ndarray`), kept for comparison.
+    NdArray,
+    Wgpu(usize),
+    Vulkan(usize),
+    Cuda(usize),
+}
+
+impl DeviceChoice {
+    /// The best device compiled in: CUDA, then Vulkan, then wgpu, then the CPU.
+    pub fn best_available() -> Self {
+        if cfg!(feature = "cuda") {
+            Self::Cuda(0)
+        } else if cfg!(feature = "vulkan") {
+            Self::Vulkan(0)
+        } else if cfg!(feature = "wgpu") {
+            Self::Wgpu(0)
+        } else if cfg!(feature = "flex") {
+            Self::Cpu
+        } else {
+            Self::NdArray
+        }
+    }
+
+    /// The names this binary accepts.
+    pub fn compiled_in() -> Vec<&'static str> {
+        let mut names = Vec::new();
+        for (on, name) in [
+            (cfg!(feature = "flex"), "cpu"),
+            (cfg!(feature = "ndarray"), "ndarray"),
+            (cfg!(feature = "wgpu"), "wgpu"),
+            (cfg!(feature = "vulkan"), "vulkan"),
+            (cfg!(feature = "cuda"), "cuda"),
+        ] {
+            if on {
+                names.push(name);
+            }
+        }
+        names
+    }
+}
+
+impl FromStr for DeviceChoice {
+    type Err = DuoError;
+    fn from_str(s: &str) -> Result<Self> {
+        let (name, index) = match s.split_once(':') {
+            Some((n, i)) => {
+                let index = i.parse().map_err(|_| DuoError::Invalid(format!("bad device index in {s:?}")))?;
+                (n, index)
+            }
+            None => (s, 0),
+        };
+        let choice = match name {
+            "cpu" | "flex" => Self::Cpu,
+            "ndarray" => Self::NdArray,
+            "wgpu" => Self::Wgpu(index),
+            "vulkan" => Self::Vulkan(index),
+            "cuda" => Self::Cuda(index),
+            other => {
+                return Err(DuoError::Invalid(format!(
+                    "unknown device {other:?}; this build has: {}",
+                    Self::compiled_in().join(", ")
+                )));
+            }
+        };
+        let compiled = match choice {
+            Self::Cpu => cfg!(feature = "flex"),
+            Self::NdArray => cfg!(feature = "ndarray"),
+            Self::Wgpu(_) => cfg!(feature = "wgpu"),
+            Self::Vulkan(_) => cfg!(feature = "vulkan"),
+            Self::Cuda(_) => cfg!(feature = "cuda"),
+        };
+        if !compiled {
+            return Err(DuoError::Invalid(format!(
+                "device {name:?} is not compiled into this binary (rebuild with `--features {}`); this build has: {}",
+                if name == "cpu" { "flex" } else { name },
+                Self::compiled_in().join(", ")
+            )));
+        }
+        Ok(choice)
+    }
+}
+
+impl fmt::Display for DeviceChoice {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Self::Cpu => write!(f, "cpu"),
+            Self::NdArray => write!(f, "ndarray"),
+            Self::Wgpu(i) => write!(f, "wgpu:{i}"),
+            Self::Vulkan(i) => write!(f, "vulkan:{i}"),
+            Self::Cuda(i) => write!(f, "cuda:{i}"),
+        }
+    }
+}
+
+/// `--dtype`: the float type of weights and activations.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum FloatType {
+    F32,
+    F16,
+    Bf16,
+}
+
+impl FromStr for FloatType {
+    type Err = DuoError;
+    fn from_str(s: &str) -> Result<Self> {
+        match s {
+            "f32" | "fp32" => Ok(Self::F32),
+            "f16" | "fp16" => Ok(Self::F16),
+            "bf16" => Ok(Self::Bf16),
+            other => Err(DuoError::Invalid(format!("unknown dtype {other:?} (f32, f16, bf16)"))),
+        }
+    }
+}
+
+impl FloatType {
+    pub fn dtype(self) -> DType {
+        match self {
+            Self::F32 => DType::F32,
+            Self::F16 => DType::F16,
+            Self::Bf16 => DType::BF16,
+        }
+    }
+}
+
+/// Work that runs on any backend: `dispatch` calls `run` with the backend the device needs.
+pub trait BackendTask {
+    type Output;
+    fn run<B: Backend>(self, device: B::Device, dtype: DType) -> Result<Self::Output>;
+}
+
+/// Runs `task` on `choice` with float type `float`, refusing dtypes the device cannot compute in.
+pub fn dispatch<T: BackendTask>(choice: DeviceChoice, float: FloatType, task: T) -> Result<T::Output> {
+    match choice {
+        #[cfg(feature = "flex")]
+        DeviceChoice::Cpu => run_checked::<burn::backend::Flex, T>(Default::default(), choice, float, task),
+        #[cfg(feature = "ndarray")]
+        DeviceChoice::NdArray => {
+            run_checked::<burn::backend::NdArray, T>(Default::default(), choice, float, task)
+        }
+        #[cfg(feature = "wgpu")]
+        DeviceChoice::Wgpu(i) => run_checked::<burn::backend::Wgpu, T>(
+            burn::backend::wgpu::WgpuDevice::DiscreteGpu(i),
+            choice,
+            float,
+            task,
+        ),
+        #[cfg(feature = "vulkan")]
+        DeviceChoice::Vulkan(i) => run_checked::<burn::backend::Vulkan, T>(
+            burn::backend::wgpu::WgpuDevice::DiscreteGpu(i),
+            choice,
+            float,
+            task,
+        ),
+        #[cfg(feature = "cuda")]
+        DeviceChoice::Cuda(i) => {
+            run_checked::<burn::backend::Cuda, T>(burn::backend::cuda::CudaDevice::new(i), choice, float, task)
+        }
+        #[allow(unreachable_patterns)]
+        other => Err(DuoError::Invalid(format!("device {other} is not compiled into this binary"))),
+    }
+}
+
+fn run_checked<B: Backend, T: BackendTask>(
+    device: B::Device,
+    choice: DeviceChoice,
+    float: FloatType,
+    task: T,
+) -> Result<T::Output> {
+    let dtype = float.dtype();
+    if !B::supports_dtype(&device, dtype) {
+        return Err(DuoError::Invalid(format!("device {choice} cannot compute in {float:?}; use --dtype f32")));
+    }
+    task.run::<B>(device, dtype)
+}

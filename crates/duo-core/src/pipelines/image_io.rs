@@ -1,0 +1,60 @@
+//! PNG in and out: images as tensors [b, 3, H, W].
+
+use std::path::Path;
+
+use burn::prelude::*;
+use image::{ImageBuffer, Rgb, RgbImage};
+
+use crate::error::{DuoError, Result};
+
+/// Reads an image file as [1, 3, H, W] in [−1, 1] (diffusers' preprocessing), checking that H and W
+/// are multiples of `multiple` (the VAE's scale factor).
+pub fn load_image<B: Backend>(path: &Path, multiple: usize, device: &B::Device) -> Result<Tensor<B, 4>> {
+    let img = image::open(path).map_err(|e| DuoError::parse(path, e.to_string()))?.to_rgb8();
+    let (w, h) = img.dimensions();
+    if w as usize % multiple != 0 || h as usize % multiple != 0 {
+        return Err(DuoError::parse(path, format!("image is {w}×{h}; both sides must be multiples of {multiple}")));
+    }
+    let (w, h) = (w as usize, h as usize);
+    let mut values = vec![0f32; 3 * h * w];
+    for (x, y, pixel) in img.enumerate_pixels() {
+        for c in 0..3 {
+            values[c * h * w + y as usize * w + x as usize] = pixel[c] as f32 / 127.5 - 1.0;
+        }
+    }
+    Ok(Tensor::from_data(TensorData::new(values, [1, 3, h, w]), device))
+}
+
+/// One image of a [b, 3, H, W] tensor in [0, 1] as 8-bit RGB, rounded as diffusers'
+/// `numpy_to_pil` does (`(x * 255).round()`).
+pub fn tensor_to_rgb8<B: Backend>(images: &Tensor<B, 4>, index: usize) -> RgbImage {
+    let [_, _, h, w] = images.dims();
+    let data = images.clone().narrow(0, index, 1).into_data().convert::<f32>();
+    let values = data.as_slice::<f32>().expect("converted to f32");
+    ImageBuffer::from_fn(w as u32, h as u32, |x, y| {
+        let at = |c: usize| (values[c * h * w + y as usize * w + x as usize] * 255.0).round().clamp(0.0, 255.0) as u8;
+        Rgb([at(0), at(1), at(2)])
+    })
+}
+
+/// Saves a batch as one PNG: a row of `columns` images per line, with a 2-pixel gap. Atomic.
+pub fn save_image_grid<B: Backend>(images: &Tensor<B, 4>, columns: usize, path: &Path) -> Result<()> {
+    let [b, _, h, w] = images.dims();
+    let columns = columns.clamp(1, b.max(1));
+    let rows = b.div_ceil(columns);
+    let gap = if b > 1 { 2 } else { 0 };
+    let mut grid = RgbImage::from_pixel(
+        (columns * (w + gap) - gap) as u32,
+        (rows * (h + gap) - gap) as u32,
+        Rgb([255, 255, 255]),
+    );
+    for i in 0..b {
+        let tile = tensor_to_rgb8(images, i);
+        let (x0, y0) = ((i % columns) * (w + gap), (i / columns) * (h + gap));
+        image::imageops::replace(&mut grid, &tile, x0 as i64, y0 as i64);
+    }
+    let mut bytes = Vec::new();
+    grid.write_to(&mut std::io::Cursor::new(&mut bytes), image::ImageFormat::Png)
+        .map_err(|e| DuoError::Invalid(format!("encoding {}: {e}", path.display())))?;
+    crate::fsutil::write_atomic(path, &bytes)
+}

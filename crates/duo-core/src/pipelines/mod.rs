@@ -1,0 +1,218 @@
+//! Text-to-image and image-to-image (SDEdit) sampling, as diffusers' `StableDiffusionPipeline` and
+//! `StableDiffusionImg2ImgPipeline` run them. Both share one denoising loop.
+
+mod image_io;
+mod noise;
+
+pub use image_io::{load_image, save_image_grid, tensor_to_rgb8};
+pub use noise::NoiseSource;
+
+use burn::prelude::*;
+
+use crate::error::{DuoError, Result};
+use crate::folder::ModelFolder;
+use crate::models::{AutoencoderKL, ClipTextModel, UNet2DConditionModel};
+use crate::schedulers::{Scheduler, SchedulerConfig};
+use crate::tokenizer::ClipTokenizer;
+
+/// The loaded components of a Stable Diffusion folder.
+pub struct StableDiffusion<B: Backend> {
+    pub tokenizer: ClipTokenizer,
+    pub text_encoder: ClipTextModel<B>,
+    pub unet: UNet2DConditionModel<B>,
+    pub vae: AutoencoderKL<B>,
+    pub scheduler_config: SchedulerConfig,
+    /// Pixels per latent cell (8 for SD).
+    pub vae_scale_factor: usize,
+    pub latent_channels: usize,
+    pub device: B::Device,
+}
+
+/// What to generate; `negative_prompts` empty means "" for each prompt.
+#[derive(Debug, Clone)]
+pub struct Generation {
+    pub prompts: Vec<String>,
+    pub negative_prompts: Vec<String>,
+    pub guidance_scale: f64,
+}
+
+impl<B: Backend> StableDiffusion<B> {
+    pub fn load(folder: &ModelFolder, device: &B::Device) -> Result<Self> {
+        let vae_config = folder.vae_config()?;
+        Ok(Self {
+            tokenizer: ClipTokenizer::from_folder(&folder.root().join("tokenizer"))?,
+            text_encoder: folder.text_encoder(device)?,
+            unet: folder.unet(device)?,
+            vae: folder.vae(device)?,
+            scheduler_config: SchedulerConfig::from_file(&folder.file("scheduler", "scheduler_config.json")?)?,
+            vae_scale_factor: vae_config.downscale_factor(),
+            latent_channels: vae_config.latent_channels,
+            device: device.clone(),
+        })
+    }
+
+    /// CLIP last hidden states of `prompts`, padded to the tokenizer's max length: [b, 77, d].
+    pub fn encode_prompts(&self, prompts: &[String]) -> Tensor<B, 3> {
+        let len = self.tokenizer.model_max_length();
+        let ids: Vec<i64> = prompts
+            .iter()
+            .flat_map(|p| self.tokenizer.encode_padded(p, len))
+            .map(i64::from)
+            .collect();
+        let ids = Tensor::<B, 2, Int>::from_data(TensorData::new(ids, [prompts.len(), len]), &self.device);
+        self.text_encoder.forward(ids).last_hidden_state
+    }
+
+    /// The conditioning for a loop: `[negative; positive]` embeddings when guidance applies (scale > 1),
+    /// else the positive ones alone.
+    fn conditioning(&self, generation: &Generation) -> Result<Tensor<B, 3>> {
+        let batch = generation.prompts.len();
+        if batch == 0 {
+            return Err(DuoError::Invalid("no prompt given".into()));
+        }
+        let positive = self.encode_prompts(&generation.prompts);
+        if generation.guidance_scale <= 1.0 {
+            return Ok(positive);
+        }
+        let negative = match generation.negative_prompts.len() {
+            0 => vec![String::new(); batch],
+            1 => vec![generation.negative_prompts[0].clone(); batch],
+            n if n == batch => generation.negative_prompts.clone(),
+            n => return Err(DuoError::Invalid(format!("{n} negative prompts for {batch} prompts"))),
+        };
+        Ok(Tensor::cat(vec![self.encode_prompts(&negative), positive], 0))
+    }
+
+    /// The shared loop: runs `scheduler` from loop index `start` on `latents`.
+    fn denoise(
+        &self,
+        mut latents: Tensor<B, 4>,
+        scheduler: &Scheduler,
+        start: usize,
+        context: Tensor<B, 3>,
+        guidance_scale: f64,
+        noise: &mut NoiseSource,
+        mut on_step: impl FnMut(usize, usize),
+    ) -> Result<Tensor<B, 4>> {
+        let guided = guidance_scale > 1.0;
+        let batch = latents.dims()[0];
+        let mut state = scheduler.initial_state();
+        let timesteps = scheduler.timesteps();
+        for (i, &t) in timesteps.iter().enumerate().skip(start) {
+            // scale, unet, guidance, step
+            let input = if guided { Tensor::cat(vec![latents.clone(), latents.clone()], 0) } else { latents.clone() };
+            let input = scheduler.scale_model_input(input, i);
+            let t = Tensor::<B, 1>::full([input.dims()[0]], t as f32, &self.device);
+            let prediction = self.unet.forward(input, t, context.clone());
+            let prediction = if guided {
+                let uncond = prediction.clone().narrow(0, 0, batch);
+                let text = prediction.narrow(0, batch, batch);
+                uncond.clone() + (text - uncond) * guidance_scale
+            } else {
+                prediction
+            };
+            let step_noise = scheduler.needs_noise().then(|| noise.normal::<B, 4>(latents.dims(), &self.device));
+            let (next, next_state) = scheduler.step(prediction, i, latents, state, step_noise)?;
+            latents = next;
+            state = next_state;
+            on_step(i + 1 - start, timesteps.len() - start);
+        }
+        Ok(latents)
+    }
+
+    /// Latents → image [b, 3, H, W] in [0, 1] (before 8-bit quantisation).
+    pub fn decode(&self, latents: Tensor<B, 4>) -> Tensor<B, 4> {
+        let image = self.vae.decode(latents / self.vae.scaling_factor);
+        (image / 2.0 + 0.5).clamp(0.0, 1.0)
+    }
+
+    /// Text-to-image from initial `latents` [b, c, h, w] ~ N(0, I) (scaled by `init_noise_sigma` here,
+    /// exactly as diffusers treats `latents=`).
+    pub fn txt2img(
+        &self,
+        generation: &Generation,
+        scheduler: &Scheduler,
+        latents: Tensor<B, 4>,
+        noise: &mut NoiseSource,
+        on_step: impl FnMut(usize, usize),
+    ) -> Result<Tensor<B, 4>> {
+        self.check_batch(generation, &latents)?;
+        let context = self.conditioning(generation)?;
+        let latents = latents * scheduler.init_noise_sigma();
+        let latents = self.denoise(latents, scheduler, 0, context, generation.guidance_scale, noise, on_step)?;
+        Ok(self.decode(latents))
+    }
+
+    /// The starting point of image-to-image (SDEdit): encodes `image` [b, 3, H, W] in [−1, 1], samples
+    /// the latent, and noises it to the timestep `strength` selects. Returns the noised latents and the
+    /// loop index to denoise from. `draws` are the two N(0, I) tensors diffusers draws (latent sampling,
+    /// then `add_noise`); None draws them from `noise`.
+    pub fn img2img_latents(
+        &self,
+        scheduler: &Scheduler,
+        image: Tensor<B, 4>,
+        strength: f64,
+        draws: Option<(Tensor<B, 4>, Tensor<B, 4>)>,
+        noise: &mut NoiseSource,
+    ) -> Result<(Tensor<B, 4>, usize)> {
+        let start = img2img_start_index(scheduler, strength)?;
+        let dist = self.vae.encode(image);
+        let (vae_noise, start_noise) = match draws {
+            Some(d) => d,
+            None => {
+                let shape = dist.mean.dims();
+                (noise.normal::<B, 4>(shape, &self.device), noise.normal::<B, 4>(shape, &self.device))
+            }
+        };
+        let latents = dist.sample(vae_noise) * self.vae.scaling_factor;
+        Ok((scheduler.add_noise(latents, start_noise, start), start))
+    }
+
+    /// Image-to-image (SDEdit): [`Self::img2img_latents`], then denoising from there.
+    #[allow(clippy::too_many_arguments)]
+    pub fn img2img(
+        &self,
+        generation: &Generation,
+        scheduler: &Scheduler,
+        image: Tensor<B, 4>,
+        strength: f64,
+        draws: Option<(Tensor<B, 4>, Tensor<B, 4>)>,
+        noise: &mut NoiseSource,
+        on_step: impl FnMut(usize, usize),
+    ) -> Result<Tensor<B, 4>> {
+        let context = self.conditioning(generation)?;
+        let (latents, start) = self.img2img_latents(scheduler, image, strength, draws, noise)?;
+        self.check_batch(generation, &latents)?;
+        let latents = self.denoise(latents, scheduler, start, context, generation.guidance_scale, noise, on_step)?;
+        Ok(self.decode(latents))
+    }
+
+    fn check_batch(&self, generation: &Generation, latents: &Tensor<B, 4>) -> Result<()> {
+        let [b, c, _, _] = latents.dims();
+        if b != generation.prompts.len() || c != self.latent_channels {
+            return Err(DuoError::Invalid(format!(
+                "latents of shape {:?} do not fit {} prompt(s) and {} latent channels",
+                latents.dims(),
+                generation.prompts.len(),
+                self.latent_channels
+            )));
+        }
+        Ok(())
+    }
+}
+
+/// The loop index img2img starts at, as diffusers' `get_timesteps`:
+/// `init = min(int(N·strength), N)`, `t_start = N − init`, index `t_start · order`.
+pub fn img2img_start_index(scheduler: &Scheduler, strength: f64) -> Result<usize> {
+    if !(0.0..=1.0).contains(&strength) {
+        return Err(DuoError::Invalid(format!("strength {strength} is outside [0, 1]")));
+    }
+    let n = scheduler.num_inference_steps();
+    let init = ((n as f64 * strength) as usize).min(n);
+    if init == 0 {
+        return Err(DuoError::Invalid(format!(
+            "strength {strength} with {n} steps leaves no denoising step (diffusers refuses this too)"
+        )));
+    }
+    Ok((n - init) * scheduler.order())
+}

@@ -1,0 +1,130 @@
+//! Loading diffusers/transformers weight files into our modules, strictly.
+//!
+//! Module field paths equal the files' keys except for the few renames in the tables below. Loading
+//! fails, naming the file and key, on any missing weight, shape mismatch or unexpected key: a module
+//! is never left with random weights.
+
+use std::path::Path;
+use std::rc::Rc;
+
+use burn::module::Module;
+use burn::prelude::*;
+use burn::store::{
+    ApplyError, KeyRemapper, ModuleAdapter, ModuleSnapshot, PyTorchToBurnAdapter, SafetensorsStore, TensorSnapshot,
+};
+use burn::tensor::DType;
+
+use crate::error::{DuoError, Result};
+
+/// Diffusers key (regex) → our field path, for every UNet.
+pub const UNET_REMAPS: &[(&str, &str)] = &[
+    // GEGLU feed-forward: diffusers' `ff.net` is [GEGLU, Dropout, Linear]
+    (r"\.ff\.net\.0\.proj\.", ".ff.proj_in."),
+    (r"\.ff\.net\.2\.", ".ff.proj_out."),
+];
+
+/// Extra UNet renames when `use_linear_projection` (SD 2.x): the projections are linear layers,
+/// which we hold in their own fields beside the (absent) convs.
+pub const UNET_LINEAR_PROJECTION_REMAPS: &[(&str, &str)] = &[
+    (r"(attentions\.\d+)\.proj_in\.", "$1.proj_in_linear."),
+    (r"(attentions\.\d+)\.proj_out\.", "$1.proj_out_linear."),
+];
+
+/// VAE files saved before diffusers 0.14 name the mid-block attention `query/key/value/proj_attn`.
+pub const VAE_REMAPS: &[(&str, &str)] = &[
+    (r"(attentions\.\d+)\.query\.", "$1.to_q."),
+    (r"(attentions\.\d+)\.key\.", "$1.to_k."),
+    (r"(attentions\.\d+)\.value\.", "$1.to_v."),
+    (r"(attentions\.\d+)\.proj_attn\.", "$1.to_out.0."),
+];
+
+/// Text encoders saved without the `text_model.` prefix (some SD 2.x conversions).
+pub const CLIP_REMAPS: &[(&str, &str)] = &[(r"^(embeddings|encoder|final_layer_norm)\.", "text_model.$1.")];
+
+/// Buffers transformers saves that are not weights.
+pub const CLIP_IGNORED: &[&str] = &["text_model.embeddings.position_ids"];
+
+/// Casts float weights to the run's dtype on load: Burn 0.21 otherwise keeps the stored dtype, so an
+/// fp16 file would silently give an f16 model.
+#[derive(Clone)]
+struct CastAdapter(DType);
+
+impl ModuleAdapter for CastAdapter {
+    fn adapt(&self, snapshot: &TensorSnapshot) -> TensorSnapshot {
+        let target = self.0;
+        if !snapshot.dtype.is_float() || snapshot.dtype == target {
+            return snapshot.clone();
+        }
+        let data = snapshot.clone_data_fn();
+        TensorSnapshot::from_closure(
+            Rc::new(move || Ok(data()?.convert_dtype(target))),
+            target,
+            snapshot.shape.clone(),
+            snapshot.path_stack.clone().unwrap_or_default(),
+            snapshot.container_stack.clone().unwrap_or_default(),
+            snapshot.tensor_id.unwrap_or_default(),
+        )
+    }
+
+    fn clone_box(&self) -> Box<dyn ModuleAdapter> {
+        Box::new(self.clone())
+    }
+}
+
+/// Loads `file` (safetensors) into `module` as `dtype`, with `remaps` applied to the file's keys;
+/// `ignored` keys may be present in the file without a matching parameter.
+pub fn load_safetensors<B: Backend, M: Module<B>>(
+    mut module: M,
+    file: &Path,
+    remaps: &[(&str, &str)],
+    dtype: DType,
+    ignored: &[&str],
+) -> Result<M> {
+    if !file.is_file() {
+        return Err(DuoError::weights(file, "weight file not found"));
+    }
+    let remapper = KeyRemapper::from_patterns(remaps.to_vec())
+        .map_err(|e| DuoError::Invalid(format!("bad key remap pattern: {e}")))?;
+    let mut store = SafetensorsStore::from_file(file)
+        .with_from_adapter(PyTorchToBurnAdapter.chain(CastAdapter(dtype)))
+        .remap(remapper)
+        .allow_partial(true)
+        .validate(false);
+    let result = module.load_from(&mut store).map_err(|e| DuoError::weights(file, e.to_string()))?;
+
+    if let Some(error) = result.errors.first() {
+        let message = match error {
+            ApplyError::ShapeMismatch { path, expected, found } => format!(
+                "weight `{path}` has shape {:?} but the config implies {:?}",
+                found.as_slice(),
+                expected.as_slice()
+            ),
+            other => other.to_string(),
+        };
+        return Err(DuoError::weights(file, format!("{message} ({} error(s) in all)", result.errors.len())));
+    }
+    if !result.missing.is_empty() {
+        let names: Vec<&str> = result.missing.iter().take(5).map(|(path, _)| path.as_str()).collect();
+        return Err(DuoError::weights(
+            file,
+            format!(
+                "{} weight(s) missing from the file, e.g. `{}` — does the config.json match this file?",
+                result.missing.len(),
+                names.join("`, `")
+            ),
+        ));
+    }
+    let unexpected: Vec<&String> = result.unused.iter().filter(|k| !ignored.contains(&k.as_str())).collect();
+    if !unexpected.is_empty() {
+        let names: Vec<&str> = unexpected.iter().take(5).map(|k| k.as_str()).collect();
+        return Err(DuoError::weights(
+            file,
+            format!(
+                "{} unexpected key(s) the model has no parameter for, e.g. `{}` — does the config.json match this file?",
+                unexpected.len(),
+                names.join("`, `")
+            ),
+        ));
+    }
+    Ok(module)
+}
