@@ -51,3 +51,16 @@ fn text_encoder_matches_transformers() {
 fn vae_matches_diffusers() {
     check_component("vae");
 }
+
+/// `--dtype f16`: weights cast on load, activations in f16, norms accumulating in f32; the output stays
+/// close to the f32 reference.
+#[test]
+fn unet_runs_in_f16() {
+    let name = "sd1-tiny-unet-int";
+    let dir = fixtures().join("forward");
+    let folder = ModelFolder::open(fixtures().join("models/sd1-tiny")).unwrap().with_dtype(burn::tensor::DType::F16);
+    let inputs = TensorFile::read(&dir.join(format!("{name}.in.safetensors"))).unwrap();
+    let expected = TensorFile::read(&dir.join(format!("{name}.out.safetensors"))).unwrap();
+    let outputs = run_forward::<B>(&folder, Component::Unet, &inputs, &Default::default()).unwrap();
+    assert_close(&format!("{name} (f16)"), &outputs[0].1, expected.get("out").unwrap(), 2e-2);
+}

@@ -42,6 +42,10 @@ impl ModelFolder {
         self
     }
 
+    pub fn dtype(&self) -> DType {
+        self.dtype
+    }
+
     pub fn root(&self) -> &Path {
         &self.root
     }

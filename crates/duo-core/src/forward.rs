@@ -38,11 +38,13 @@ pub fn run_forward<B: Backend>(
     inputs: &TensorFile,
     device: &B::Device,
 ) -> Result<Vec<(String, TensorData)>> {
+    // inputs arrive as f32 and are cast to the dtype the weights were loaded in
+    let dtype = folder.dtype();
     let float = |name: &str, rank: usize| inputs.get_f32(name, rank);
     let out = match component {
         Component::Unet => {
             let unet = folder.unet::<B>(device)?;
-            let sample = Tensor::<B, 4>::from_data(float("sample", 4)?, device);
+            let sample = Tensor::<B, 4>::from_data(float("sample", 4)?, (device, dtype));
             let batch = sample.dims()[0];
             let timestep = inputs.get_f64_vec("timestep")?;
             let timestep = match timestep.len() {
@@ -57,7 +59,7 @@ pub fn run_forward<B: Backend>(
             };
             let timestep: Vec<f32> = timestep.iter().map(|&t| t as f32).collect();
             let timestep = Tensor::<B, 1>::from_data(TensorData::new(timestep, [batch]), device);
-            let context = Tensor::<B, 3>::from_data(float("encoder_hidden_states", 3)?, device);
+            let context = Tensor::<B, 3>::from_data(float("encoder_hidden_states", 3)?, (device, dtype));
             vec![("out", unet.forward(sample, timestep, context))]
                 .into_iter()
                 .map(|(k, t)| (k.to_string(), t.into_data()))
@@ -75,7 +77,7 @@ pub fn run_forward<B: Backend>(
         }
         Component::Vae => {
             let vae = folder.vae::<B>(device)?;
-            let image = Tensor::<B, 4>::from_data(float("image", 4)?, device);
+            let image = Tensor::<B, 4>::from_data(float("image", 4)?, (device, dtype));
             let dist = vae.encode(image);
             let decoded = vae.decode(dist.mean.clone());
             vec![
