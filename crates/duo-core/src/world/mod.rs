@@ -147,9 +147,9 @@ impl World {
         Sample { scene, caption }
     }
 
-    /// Samples `start..start + n` of the stream `seed`.
+    /// Samples `start..start + n` of the stream `seed` (indices wrap around at `u64::MAX`).
     pub fn batch(&self, seed: u64, start: u64, n: usize, split: CaptionSplit) -> Vec<Sample> {
-        (start..start + n as u64).map(|index| self.sample(seed, index, split)).collect()
+        (0..n as u64).map(|i| self.sample(seed, start.wrapping_add(i), split)).collect()
     }
 
     /// Renders a scene at the configured resolution.
@@ -159,7 +159,8 @@ impl World {
 }
 
 /// The random stream of sample `index` of seed `seed`: ChaCha8 keyed by the seed, one ChaCha
-/// stream per index, so samples are independent and cost nothing to seek to.
+/// stream per index, so samples are independent and cost nothing to seek to. [`World::sample`]
+/// consumes it; other randomness (caption dropout, noise) should come from another seed.
 pub fn rng_for(seed: u64, index: u64) -> ChaCha8Rng {
     let mut rng = ChaCha8Rng::seed_from_u64(seed);
     rng.set_stream(index);

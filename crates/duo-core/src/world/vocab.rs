@@ -113,7 +113,7 @@ impl Colour {
         }
     }
 
-    /// Fill colour in linear [0, 1] RGB. Saturated and far apart (the closest pair, red and
+    /// Fill colour as [0, 1] RGB, written to the image as is (no gamma). Saturated and far apart (the closest pair, red and
     /// orange, still differ by 0.4 in green) so colour stays readable after blur and noise.
     pub fn rgb(self) -> [f32; 3] {
         match self {
