@@ -1,5 +1,5 @@
 //! duo-core: Stable Diffusion components on Burn (networks, tokenizer, schedulers, pipelines),
-//! LoRA and the DUO objective.
+//! LoRA and the DUO objective, and the procedural toy world the embedded model is trained on.
 
 pub mod device;
 pub mod error;
@@ -9,6 +9,7 @@ pub mod fsutil;
 pub mod models;
 pub mod tensor_file;
 pub mod weights;
+pub mod world;
 
 pub use error::{DuoError, Result};
 pub use folder::ModelFolder;
