@@ -4,5 +4,6 @@
 pub mod error;
 pub mod fsutil;
 pub mod tensor_file;
+pub mod tokenizer;
 
 pub use error::{DuoError, Result};
