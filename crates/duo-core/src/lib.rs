@@ -8,6 +8,7 @@ pub mod forward;
 pub mod fsutil;
 pub mod models;
 pub mod tensor_file;
+pub mod tokenizer;
 pub mod weights;
 pub mod world;
 
