@@ -29,7 +29,6 @@ impl TensorFile {
                 Dtype::I64 => DType::I64,
                 Dtype::I32 => DType::I32,
                 Dtype::U8 => DType::U8,
-                Dtype::BOOL => DType::Bool,
                 other => {
                     return Err(DuoError::parse(
                         path,
