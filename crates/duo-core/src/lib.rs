@@ -3,6 +3,7 @@
 
 pub mod error;
 pub mod fsutil;
+pub mod schedulers;
 pub mod tensor_file;
 
 pub use error::{DuoError, Result};
