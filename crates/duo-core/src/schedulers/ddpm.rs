@@ -7,18 +7,22 @@ use burn::tensor::Tensor;
 use burn::tensor::backend::Backend;
 
 use super::{
-    NoiseSchedule, PredictionType, SchedulerConfig, SchedulerKind, alpha_noise_coefficients, discrete_timesteps,
+    NoiseSchedule, PredictionType, SchedulerConfig, SchedulerKind, alpha_noise_coefficients,
+    discrete_timesteps,
 };
 use crate::error::{DuoError, Result};
 
 const KIND: SchedulerKind = SchedulerKind::Ddpm;
 
-/// `variance_type`; the learned variances need a model with twice the output channels.
+/// The fixed `variance_type`s; the learned ones need a model with twice the output channels.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum VarianceType {
-    FixedSmall,
-    FixedSmallLog,
-    FixedLarge,
+enum FixedVariance {
+    /// "fixed_small": β̃_t = β̄_t'/β̄_t·β_t (the posterior variance).
+    Small,
+    /// "fixed_small_log": the same, through exp(½·ln β̃_t).
+    SmallLog,
+    /// "fixed_large": β_t.
+    Large,
 }
 
 #[derive(Debug, Clone)]
@@ -30,7 +34,7 @@ pub struct DdpmScheduler {
     prediction_type: PredictionType,
     /// `clip_sample_range` when `clip_sample` is set.
     clip_range: Option<f32>,
-    variance_type: VarianceType,
+    variance_type: FixedVariance,
 }
 
 impl DdpmScheduler {
@@ -44,9 +48,9 @@ impl DdpmScheduler {
             config.variance_type.as_deref(),
             "fixed_small",
             &[
-                ("fixed_small", VarianceType::FixedSmall),
-                ("fixed_small_log", VarianceType::FixedSmallLog),
-                ("fixed_large", VarianceType::FixedLarge),
+                ("fixed_small", FixedVariance::Small),
+                ("fixed_small_log", FixedVariance::SmallLog),
+                ("fixed_large", FixedVariance::Large),
             ],
             KIND,
         )?;
@@ -129,9 +133,9 @@ impl DdpmScheduler {
         })?;
         let variance = ((1.0 - alpha_prod_t_prev) / (1.0 - alpha_prod_t) * current_beta_t).max(1e-20);
         let std = match self.variance_type {
-            VarianceType::FixedSmall => variance.sqrt(),
-            VarianceType::FixedSmallLog => (0.5 * variance.ln()).exp(),
-            VarianceType::FixedLarge => current_beta_t.sqrt(),
+            FixedVariance::Small => variance.sqrt(),
+            FixedVariance::SmallLog => (0.5 * variance.ln()).exp(),
+            FixedVariance::Large => current_beta_t.sqrt(),
         };
         Ok(pred_prev_sample + noise.mul_scalar(std))
     }

@@ -14,8 +14,8 @@ use burn::tensor::backend::Backend;
 
 use super::euler::{final_sigmas_type, train_sigmas_f32};
 use super::{
-    FinalSigmas, NoiseSchedule, PredictionType, SchedulerConfig, SchedulerKind, SchedulerState, TimestepSpacing,
-    numerics,
+    FinalSigmas, NoiseSchedule, PredictionType, SchedulerConfig, SchedulerKind, SchedulerState,
+    TimestepSpacing, numerics,
 };
 use crate::error::{DuoError, Result};
 
@@ -294,7 +294,9 @@ impl DpmSolverScheduler {
             Algorithm::DpmSolverPlusPlus => {
                 sample.mul_scalar(sigma_t / sigma_s) - m0.mul_scalar(alpha_t * ((-h).exp() - 1.0))
             }
-            Algorithm::DpmSolver => sample.mul_scalar(alpha_t / alpha_s) - m0.mul_scalar(sigma_t * (h.exp() - 1.0)),
+            Algorithm::DpmSolver => {
+                sample.mul_scalar(alpha_t / alpha_s) - m0.mul_scalar(sigma_t * (h.exp() - 1.0))
+            }
         }
     }
 
@@ -383,7 +385,10 @@ fn alpha_sigma(sigma: f32) -> (f32, f32) {
 }
 
 /// The last `N` converted outputs, oldest first.
-fn last_outputs<B: Backend, const N: usize>(history: &[Tensor<B, 4>], step_index: usize) -> Result<[Tensor<B, 4>; N]> {
+fn last_outputs<B: Backend, const N: usize>(
+    history: &[Tensor<B, 4>],
+    step_index: usize,
+) -> Result<[Tensor<B, 4>; N]> {
     let start = history.len().checked_sub(N).ok_or_else(|| {
         DuoError::Invalid(format!(
             "DPMSolverMultistepScheduler: an order-{N} update at step index {step_index} needs {N} past outputs, \

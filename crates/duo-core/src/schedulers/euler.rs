@@ -10,7 +10,9 @@
 use burn::tensor::Tensor;
 use burn::tensor::backend::Backend;
 
-use super::{FinalSigmas, NoiseSchedule, PredictionType, SchedulerConfig, SchedulerKind, TimestepSpacing, numerics};
+use super::{
+    FinalSigmas, NoiseSchedule, PredictionType, SchedulerConfig, SchedulerKind, TimestepSpacing, numerics,
+};
 use crate::error::Result;
 
 const KIND: SchedulerKind = SchedulerKind::Euler;
@@ -36,7 +38,13 @@ impl EulerScheduler {
         ] {
             config.require_not_true(key, value, KIND)?;
         }
-        config.choice("interpolation_type", config.interpolation_type.as_deref(), "linear", &[("linear", ())], KIND)?;
+        config.choice(
+            "interpolation_type",
+            config.interpolation_type.as_deref(),
+            "linear",
+            &[("linear", ())],
+            KIND,
+        )?;
         let prediction_type = config.prediction_type(
             KIND,
             &[
@@ -68,18 +76,22 @@ impl EulerScheduler {
         let spacing = config.timestep_spacing(KIND)?;
         let n = num_inference_steps;
         let timesteps: Vec<f32> = match spacing {
-            TimestepSpacing::Linspace => {
-                numerics::np_linspace(0.0, (num_train - 1) as f64, n).into_iter().rev().map(|t| t as f32).collect()
-            }
+            TimestepSpacing::Linspace => numerics::np_linspace(0.0, (num_train - 1) as f64, n)
+                .into_iter()
+                .rev()
+                .map(|t| t as f32)
+                .collect(),
             TimestepSpacing::Leading => {
                 let ratio = num_train / n;
                 let offset = config.steps_offset() as f32;
                 (0..n).rev().map(|i| (i * ratio) as f32 + offset).collect()
             }
-            TimestepSpacing::Trailing => numerics::np_arange(num_train as f64, 0.0, -(num_train as f64 / n as f64))
-                .into_iter()
-                .map(|t| numerics::np_round(t) as f32 - 1.0)
-                .collect(),
+            TimestepSpacing::Trailing => {
+                numerics::np_arange(num_train as f64, 0.0, -(num_train as f64 / n as f64))
+                    .into_iter()
+                    .map(|t| numerics::np_round(t) as f32 - 1.0)
+                    .collect()
+            }
         };
 
         // 3. σ at each timestep: np.interp over the float32 training sigmas, then the final σ.

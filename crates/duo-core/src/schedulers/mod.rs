@@ -43,11 +43,12 @@ use crate::error::{DuoError, Result};
 
 /// diffusers' `scheduler_config.json`, with the key names of the file.
 ///
-/// Every key is optional: a missing key takes diffusers' default. Like diffusers'
-/// `Scheduler.from_config(pipe.scheduler.config)`, a key missing from the file takes the default of
-/// the file's own `_class_name` when that class has the key, else the default of the scheduler being
-/// built (this matters for `timestep_spacing`: "leading" for DDPM/DDIM/PNDM, "linspace" for
-/// Euler/DPM-Solver, and `set_alpha_to_one`: true for DDIM, false for PNDM).
+/// Every key is optional: a missing key takes the default of the scheduler being built, whatever
+/// the file's `_class_name`, as in diffusers (`X.from_config(raw_dict)` and also
+/// `X.from_config(pipe.scheduler.config)`, whose `_use_default_values` drops the keys the file did
+/// not have). This matters for old files such as SD 1.4's, which lack `timestep_spacing`: "leading"
+/// for DDPM/DDIM/PNDM, "linspace" for Euler/DPM-Solver; and `set_alpha_to_one`: true for DDIM,
+/// false for PNDM.
 ///
 /// Keys of other schedulers are accepted and ignored, as diffusers does. A key the scheduler being
 /// built reads, set to a value we do not implement, is an error naming the key and the value.
@@ -129,11 +130,6 @@ impl SchedulerConfig {
         &self.source
     }
 
-    /// The scheduler the file was saved by, when it is one of ours.
-    fn file_kind(&self) -> Option<SchedulerKind> {
-        self.class_name().and_then(SchedulerKind::from_class_name)
-    }
-
     pub(crate) fn error(&self, message: impl Into<String>) -> DuoError {
         DuoError::config(&self.source, message)
     }
@@ -149,9 +145,9 @@ impl SchedulerConfig {
         self.steps_offset.unwrap_or(0)
     }
 
-    /// `timestep_spacing`, defaulted as described on the struct.
+    /// `timestep_spacing` (default "leading" for DDPM/DDIM/PNDM, "linspace" for Euler/DPM-Solver).
     pub(crate) fn timestep_spacing(&self, kind: SchedulerKind) -> Result<TimestepSpacing> {
-        let default = match self.file_kind().unwrap_or(kind) {
+        let default = match kind {
             SchedulerKind::Ddpm | SchedulerKind::Ddim | SchedulerKind::Pndm => "leading",
             SchedulerKind::Euler | SchedulerKind::DpmSolver => "linspace",
         };
@@ -170,11 +166,7 @@ impl SchedulerConfig {
 
     /// `set_alpha_to_one` (DDIM default true, PNDM default false).
     pub(crate) fn set_alpha_to_one(&self, kind: SchedulerKind) -> bool {
-        self.set_alpha_to_one.unwrap_or(match self.file_kind() {
-            Some(SchedulerKind::Ddim) => true,
-            Some(SchedulerKind::Pndm) => false,
-            _ => kind == SchedulerKind::Ddim,
-        })
+        self.set_alpha_to_one.unwrap_or(kind == SchedulerKind::Ddim)
     }
 
     /// `prediction_type` (default "epsilon"), restricted to the values `kind` accepts.
@@ -433,22 +425,26 @@ impl NoiseSchedule {
         (a.sqrt(), (1.0 - a).sqrt())
     }
 
-    fn columns<B: Backend>(&self, timesteps: &[usize], batch: usize, device: &B::Device) -> [Tensor<B, 4>; 2] {
+    /// The caller's contract: one timestep per batch element, each inside the schedule.
+    fn check_timesteps(&self, timesteps: &[usize], batch: usize) {
+        let n = self.num_train_timesteps();
         assert_eq!(
             timesteps.len(),
             batch,
             "NoiseSchedule: {} timesteps for a batch of {batch}",
             timesteps.len()
         );
-        let n = self.num_train_timesteps();
-        let (signal, noise): (Vec<f32>, Vec<f32>) = timesteps
-            .iter()
-            .map(|&t| {
-                assert!(t < n, "NoiseSchedule: timestep {t} is outside 0..{n}");
-                self.signal_noise(t)
-            })
-            .unzip();
-        [batch_column(signal, device), batch_column(noise, device)]
+        if let Some(t) = timesteps.iter().find(|&&t| t >= n) {
+            panic!("NoiseSchedule: timestep {t} is outside 0..{n}");
+        }
+    }
+
+    /// √ᾱ_t and √(1−ᾱ_t) as `[B, 1, 1, 1]` columns.
+    fn columns<B: Backend>(&self, timesteps: &[usize], original: &Tensor<B, 4>) -> [Tensor<B, 4>; 2] {
+        self.check_timesteps(timesteps, original.dims()[0]);
+        let (signal, noise): (Vec<f32>, Vec<f32>) = timesteps.iter().map(|&t| self.signal_noise(t)).unzip();
+        let device = original.device();
+        [batch_column(signal, &device), batch_column(noise, &device)]
     }
 
     /// x_t = √ᾱ_t·x₀ + √(1−ᾱ_t)·ε, one t per batch element (diffusers' `DDPMScheduler.add_noise`).
@@ -462,7 +458,7 @@ impl NoiseSchedule {
         noise: Tensor<B, 4>,
         timesteps: &[usize],
     ) -> Tensor<B, 4> {
-        let [signal, sigma] = self.columns::<B>(timesteps, original.dims()[0], &original.device());
+        let [signal, sigma] = self.columns(timesteps, &original);
         signal * original + sigma * noise
     }
 
@@ -473,7 +469,7 @@ impl NoiseSchedule {
         noise: Tensor<B, 4>,
         timesteps: &[usize],
     ) -> Tensor<B, 4> {
-        let [signal, sigma] = self.columns::<B>(timesteps, original.dims()[0], &original.device());
+        let [signal, sigma] = self.columns(timesteps, &original);
         signal * noise - sigma * original
     }
 
@@ -487,12 +483,12 @@ impl NoiseSchedule {
     ) -> Tensor<B, 4> {
         match self.prediction_type {
             PredictionType::Epsilon => {
-                self.columns::<B>(timesteps, original.dims()[0], &original.device());
+                self.check_timesteps(timesteps, original.dims()[0]);
                 noise
             }
             PredictionType::VPrediction => self.velocity(original, noise, timesteps),
             PredictionType::Sample => {
-                self.columns::<B>(timesteps, original.dims()[0], &original.device());
+                self.check_timesteps(timesteps, original.dims()[0]);
                 original
             }
         }
@@ -504,10 +500,9 @@ fn betas_f32(config: &SchedulerConfig, kind: SchedulerKind) -> Result<Vec<f32>> 
     let n = config.num_train_timesteps()?;
     if let Some(betas) = &config.trained_betas {
         if betas.len() != n {
-            return Err(config.error(format!(
-                "trained_betas has {} values but num_train_timesteps={n}",
-                betas.len()
-            )));
+            return Err(
+                config.error(format!("trained_betas has {} values but num_train_timesteps={n}", betas.len()))
+            );
         }
         return Ok(betas.iter().map(|&b| b as f32).collect());
     }
@@ -638,14 +633,19 @@ impl Scheduler {
     /// `num_inference_steps` steps.
     pub fn new(kind: SchedulerKind, config: &SchedulerConfig, num_inference_steps: usize) -> Result<Self> {
         if num_inference_steps == 0 {
-            return Err(DuoError::Invalid(format!("{}: num_inference_steps must be at least 1", kind.class_name())));
+            return Err(DuoError::Invalid(format!(
+                "{}: num_inference_steps must be at least 1",
+                kind.class_name()
+            )));
         }
         Ok(match kind {
             SchedulerKind::Ddpm => Self::Ddpm(DdpmScheduler::new(config, num_inference_steps)?),
             SchedulerKind::Ddim => Self::Ddim(DdimScheduler::new(config, num_inference_steps)?),
             SchedulerKind::Pndm => Self::Pndm(PndmScheduler::new(config, num_inference_steps)?),
             SchedulerKind::Euler => Self::Euler(EulerScheduler::new(config, num_inference_steps)?),
-            SchedulerKind::DpmSolver => Self::DpmSolver(DpmSolverScheduler::new(config, num_inference_steps)?),
+            SchedulerKind::DpmSolver => {
+                Self::DpmSolver(DpmSolverScheduler::new(config, num_inference_steps)?)
+            }
         })
     }
 
@@ -834,9 +834,13 @@ impl Scheduler {
             let ts: Vec<usize> = timesteps
                 .iter()
                 .map(|&t| {
-                    (t >= 0.0 && t.fract() == 0.0 && (t as usize) < n).then_some(t as usize).ok_or_else(|| {
-                        DuoError::Invalid(format!("add_noise: timestep {t} is not a training timestep 0..{n}"))
-                    })
+                    (t >= 0.0 && t.fract() == 0.0 && (t as usize) < n).then_some(t as usize).ok_or_else(
+                        || {
+                            DuoError::Invalid(format!(
+                                "add_noise: timestep {t} is not a training timestep 0..{n}"
+                            ))
+                        },
+                    )
                 })
                 .collect::<Result<_>>()?;
             if ts.len() != original.dims()[0] {
@@ -919,7 +923,9 @@ mod tests {
 
     #[test]
     fn python_json_specials_are_parsed() {
-        let c = config(r#"{"lambda_min_clipped": -Infinity, "sigma_min": null, "_class_name": "x-Infinity NaN"}"#);
+        let c = config(
+            r#"{"lambda_min_clipped": -Infinity, "sigma_min": null, "_class_name": "x-Infinity NaN"}"#,
+        );
         assert_eq!(c.lambda_min_clipped, Some(f64::NEG_INFINITY));
         assert_eq!(c.sigma_min, None);
         assert_eq!(c.class_name(), Some("x-Infinity NaN"));
@@ -940,25 +946,25 @@ mod tests {
     }
 
     #[test]
-    fn spacing_defaults_follow_the_file_class() {
+    fn missing_keys_take_the_defaults_of_the_scheduler_built() {
+        // SD 1.4's file: a PNDMScheduler without timestep_spacing / set_alpha_to_one.
         let pndm = config(r#"{"_class_name": "PNDMScheduler"}"#);
-        assert_eq!(pndm.timestep_spacing(SchedulerKind::Euler).unwrap(), TimestepSpacing::Leading);
-        let bare = config("{}");
-        assert_eq!(bare.timestep_spacing(SchedulerKind::Euler).unwrap(), TimestepSpacing::Linspace);
-        assert_eq!(bare.timestep_spacing(SchedulerKind::Ddim).unwrap(), TimestepSpacing::Leading);
-        assert!(!pndm.set_alpha_to_one(SchedulerKind::Ddim));
-        assert!(bare.set_alpha_to_one(SchedulerKind::Ddim));
-        assert!(!bare.set_alpha_to_one(SchedulerKind::Pndm));
+        assert_eq!(pndm.timestep_spacing(SchedulerKind::Euler).unwrap(), TimestepSpacing::Linspace);
+        assert_eq!(pndm.timestep_spacing(SchedulerKind::DpmSolver).unwrap(), TimestepSpacing::Linspace);
+        assert_eq!(pndm.timestep_spacing(SchedulerKind::Ddim).unwrap(), TimestepSpacing::Leading);
+        assert_eq!(pndm.timestep_spacing(SchedulerKind::Pndm).unwrap(), TimestepSpacing::Leading);
+        assert!(pndm.set_alpha_to_one(SchedulerKind::Ddim));
+        assert!(!pndm.set_alpha_to_one(SchedulerKind::Pndm));
+        let explicit = config(r#"{"timestep_spacing": "leading", "set_alpha_to_one": false}"#);
+        assert_eq!(explicit.timestep_spacing(SchedulerKind::Euler).unwrap(), TimestepSpacing::Leading);
+        assert!(!explicit.set_alpha_to_one(SchedulerKind::Ddim));
     }
 
     #[test]
     fn discrete_timesteps_match_diffusers_lists() {
         // diffusers' tests: DDIM leading, 5 steps, offset 1 -> [801, 601, 401, 201, 1].
         assert_eq!(discrete_timesteps(TimestepSpacing::Leading, 1000, 5, 1), vec![801, 601, 401, 201, 1]);
-        assert_eq!(
-            discrete_timesteps(TimestepSpacing::Trailing, 1000, 5, 0),
-            vec![999, 799, 599, 399, 199]
-        );
+        assert_eq!(discrete_timesteps(TimestepSpacing::Trailing, 1000, 5, 0), vec![999, 799, 599, 399, 199]);
         assert_eq!(discrete_timesteps(TimestepSpacing::Linspace, 1000, 4, 0), vec![999, 666, 333, 0]);
     }
 

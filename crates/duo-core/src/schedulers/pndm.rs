@@ -131,11 +131,16 @@ impl PndmScheduler {
             }
             (3, _) => {
                 let [e3, e2, e1] = [&ets[0], &ets[1], &ets[2]].map(Clone::clone);
-                ((e1.mul_scalar(23.0) - e2.mul_scalar(16.0) + e3.mul_scalar(5.0)).div_scalar(12.0), sample, cur_sample)
+                (
+                    (e1.mul_scalar(23.0) - e2.mul_scalar(16.0) + e3.mul_scalar(5.0)).div_scalar(12.0),
+                    sample,
+                    cur_sample,
+                )
             }
             (4, _) => {
                 let [e4, e3, e2, e1] = [&ets[0], &ets[1], &ets[2], &ets[3]].map(Clone::clone);
-                let combined = e1.mul_scalar(55.0) - e2.mul_scalar(59.0) + e3.mul_scalar(37.0) - e4.mul_scalar(9.0);
+                let combined =
+                    e1.mul_scalar(55.0) - e2.mul_scalar(59.0) + e3.mul_scalar(37.0) - e4.mul_scalar(9.0);
                 (combined.mul_scalar(1.0 / 24.0), sample, cur_sample)
             }
             _ => return Err(bad_state()),
