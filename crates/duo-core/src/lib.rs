@@ -7,6 +7,7 @@ pub mod folder;
 pub mod forward;
 pub mod fsutil;
 pub mod models;
+pub mod pipelines;
 pub mod schedulers;
 pub mod tensor_file;
 pub mod tokenizer;

@@ -13,7 +13,10 @@ pub fn load_image<B: Backend>(path: &Path, multiple: usize, device: &B::Device) 
     let img = image::open(path).map_err(|e| DuoError::parse(path, e.to_string()))?.to_rgb8();
     let (w, h) = img.dimensions();
     if w as usize % multiple != 0 || h as usize % multiple != 0 {
-        return Err(DuoError::parse(path, format!("image is {w}×{h}; both sides must be multiples of {multiple}")));
+        return Err(DuoError::parse(
+            path,
+            format!("image is {w}×{h}; both sides must be multiples of {multiple}"),
+        ));
     }
     let (w, h) = (w as usize, h as usize);
     let mut values = vec![0f32; 3 * h * w];
@@ -32,7 +35,9 @@ pub fn tensor_to_rgb8<B: Backend>(images: &Tensor<B, 4>, index: usize) -> RgbIma
     let data = images.clone().narrow(0, index, 1).into_data().convert::<f32>();
     let values = data.as_slice::<f32>().expect("converted to f32");
     ImageBuffer::from_fn(w as u32, h as u32, |x, y| {
-        let at = |c: usize| (values[c * h * w + y as usize * w + x as usize] * 255.0).round().clamp(0.0, 255.0) as u8;
+        let at = |c: usize| {
+            (values[c * h * w + y as usize * w + x as usize] * 255.0).round().clamp(0.0, 255.0) as u8
+        };
         Rgb([at(0), at(1), at(2)])
     })
 }

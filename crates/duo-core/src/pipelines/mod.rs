@@ -44,7 +44,9 @@ impl<B: Backend> StableDiffusion<B> {
             text_encoder: folder.text_encoder(device)?,
             unet: folder.unet(device)?,
             vae: folder.vae(device)?,
-            scheduler_config: SchedulerConfig::from_file(&folder.file("scheduler", "scheduler_config.json")?)?,
+            scheduler_config: SchedulerConfig::from_file(
+                &folder.file("scheduler", "scheduler_config.json")?,
+            )?,
             vae_scale_factor: vae_config.downscale_factor(),
             latent_channels: vae_config.latent_channels,
             device: device.clone(),
@@ -54,11 +56,8 @@ impl<B: Backend> StableDiffusion<B> {
     /// CLIP last hidden states of `prompts`, padded to the tokenizer's max length: [b, 77, d].
     pub fn encode_prompts(&self, prompts: &[String]) -> Tensor<B, 3> {
         let len = self.tokenizer.model_max_length();
-        let ids: Vec<i64> = prompts
-            .iter()
-            .flat_map(|p| self.tokenizer.encode_padded(p, len))
-            .map(i64::from)
-            .collect();
+        let ids: Vec<i64> =
+            prompts.iter().flat_map(|p| self.tokenizer.encode_padded(p, len)).map(i64::from).collect();
         let ids = Tensor::<B, 2, Int>::from_data(TensorData::new(ids, [prompts.len(), len]), &self.device);
         self.text_encoder.forward(ids).last_hidden_state
     }
@@ -100,7 +99,8 @@ impl<B: Backend> StableDiffusion<B> {
         let timesteps = scheduler.timesteps();
         for (i, &t) in timesteps.iter().enumerate().skip(start) {
             // scale, unet, guidance, step
-            let input = if guided { Tensor::cat(vec![latents.clone(), latents.clone()], 0) } else { latents.clone() };
+            let input =
+                if guided { Tensor::cat(vec![latents.clone(), latents.clone()], 0) } else { latents.clone() };
             let input = scheduler.scale_model_input(input, i);
             let t = Tensor::<B, 1>::full([input.dims()[0]], t as f32, &self.device);
             let prediction = self.unet.forward(input, t, context.clone());
@@ -111,7 +111,8 @@ impl<B: Backend> StableDiffusion<B> {
             } else {
                 prediction
             };
-            let step_noise = scheduler.needs_noise().then(|| noise.normal::<B, 4>(latents.dims(), &self.device));
+            let step_noise =
+                scheduler.needs_noise().then(|| noise.normal::<B, 4>(latents.dims(), &self.device));
             let (next, next_state) = scheduler.step(prediction, i, latents, state, step_noise)?;
             latents = next;
             state = next_state;
@@ -139,7 +140,8 @@ impl<B: Backend> StableDiffusion<B> {
         self.check_batch(generation, &latents)?;
         let context = self.conditioning(generation)?;
         let latents = latents * scheduler.init_noise_sigma();
-        let latents = self.denoise(latents, scheduler, 0, context, generation.guidance_scale, noise, on_step)?;
+        let latents =
+            self.denoise(latents, scheduler, 0, context, generation.guidance_scale, noise, on_step)?;
         Ok(self.decode(latents))
     }
 
@@ -183,7 +185,8 @@ impl<B: Backend> StableDiffusion<B> {
         let context = self.conditioning(generation)?;
         let (latents, start) = self.img2img_latents(scheduler, image, strength, draws, noise)?;
         self.check_batch(generation, &latents)?;
-        let latents = self.denoise(latents, scheduler, start, context, generation.guidance_scale, noise, on_step)?;
+        let latents =
+            self.denoise(latents, scheduler, start, context, generation.guidance_scale, noise, on_step)?;
         Ok(self.decode(latents))
     }
 

@@ -16,7 +16,11 @@ impl NoiseSource {
     }
 
     /// A tensor of N(0, 1) samples.
-    pub fn normal<B: Backend, const D: usize>(&mut self, shape: [usize; D], device: &B::Device) -> Tensor<B, D> {
+    pub fn normal<B: Backend, const D: usize>(
+        &mut self,
+        shape: [usize; D],
+        device: &B::Device,
+    ) -> Tensor<B, D> {
         let n = shape.iter().product();
         let values: Vec<f32> = (0..n).map(|_| StandardNormal.sample(&mut self.rng)).collect();
         Tensor::from_data(TensorData::new(values, shape), device)

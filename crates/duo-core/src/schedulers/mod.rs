@@ -702,6 +702,16 @@ impl Scheduler {
         }
     }
 
+    /// N, the number of inference steps the scheduler was set up for (PNDM's PLMS list holds N + 1
+    /// timesteps: its second timestep is repeated).
+    pub fn num_inference_steps(&self) -> usize {
+        let len = self.timesteps().len();
+        match self {
+            Self::Pndm(_) if len > 1 => len - 1,
+            _ => len,
+        }
+    }
+
     /// diffusers' `order` attribute (1 for all five; img2img skips `t_start * order` steps).
     pub fn order(&self) -> usize {
         1

@@ -1,0 +1,118 @@
+use std::path::PathBuf;
+
+use burn::prelude::*;
+use burn::tensor::DType;
+use clap::{Parser, Subcommand};
+use duo_core::device::{BackendTask, DeviceChoice, FloatType, dispatch};
+use duo_core::forward::{Component, run_forward};
+use duo_core::tensor_file::{TensorFile, write_tensor_file};
+use duo_core::tokenizer::ClipTokenizer;
+use duo_core::{DuoError, ModelFolder, Result};
+
+use crate::perf;
+
+#[derive(Parser, Debug)]
+#[command(
+    name = "duo-bench",
+    version,
+    about = "Attacks, judges, metrics and benchmarks for unlearned diffusion models"
+)]
+pub struct Cli {
+    /// Device to run on: cpu, ndarray, wgpu[:N], vulkan[:N], cuda[:N] (default: the best compiled in).
+    #[arg(long, global = true)]
+    pub device: Option<String>,
+    /// Float type of weights and activations: f32, f16, bf16 (where the device supports it).
+    #[arg(long, global = true, default_value = "f32")]
+    pub dtype: String,
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Subcommand, Debug)]
+pub enum Command {
+    /// Run one component of a model folder on inputs from a safetensors file.
+    ///
+    /// unet: sample [B,C,H,W], timestep [B] (int64 or f32), encoder_hidden_states [B,S,D] → out.
+    /// text_encoder: input_ids [B,L] int64 → last_hidden_state, pooler_output, penultimate_hidden_state.
+    /// vae: image [B,3,H,W] in [-1,1] → latent_mean, latent_logvar, decoded_from_mean.
+    Forward {
+        /// Diffusers pipeline folder.
+        #[arg(long)]
+        model: PathBuf,
+        /// unet, text_encoder or vae.
+        #[arg(long)]
+        component: String,
+        #[arg(long)]
+        inputs: PathBuf,
+        #[arg(long)]
+        out: PathBuf,
+        /// Weight file variant, e.g. fp16 for `*.fp16.safetensors`.
+        #[arg(long)]
+        variant: Option<String>,
+    },
+    /// Tokenize a JSON array of prompts as SD does (77 ids, padded).
+    Tokenize {
+        #[arg(long)]
+        model: PathBuf,
+        /// A JSON array of strings.
+        #[arg(long)]
+        prompts: PathBuf,
+        /// Writes {"input_ids": [[77 ints], ...]}.
+        #[arg(long)]
+        out: PathBuf,
+    },
+    /// Time the UNet (forward, forward+backward), its peak memory and sampling throughput.
+    Perf(perf::PerfArgs),
+}
+
+pub fn run(cli: Cli) -> Result<()> {
+    let device = match &cli.device {
+        Some(d) => d.parse()?,
+        None => DeviceChoice::best_available(),
+    };
+    let float: FloatType = cli.dtype.parse()?;
+    match cli.command {
+        Command::Forward { model, component, inputs, out, variant } => {
+            let component: Component = component.parse()?;
+            let task = ForwardTask { model, component, inputs, out, variant };
+            dispatch(device, float, task)
+        }
+        Command::Tokenize { model, prompts, out } => tokenize(&model, &prompts, &out),
+        Command::Perf(args) => perf::run(args, device, float),
+    }
+}
+
+struct ForwardTask {
+    model: PathBuf,
+    component: Component,
+    inputs: PathBuf,
+    out: PathBuf,
+    variant: Option<String>,
+}
+
+impl BackendTask for ForwardTask {
+    type Output = ();
+    fn run<B: Backend>(self, device: B::Device, dtype: DType) -> Result<()> {
+        let folder = ModelFolder::open(&self.model)?.with_variant(self.variant).with_dtype(dtype);
+        let inputs = TensorFile::read(&self.inputs)?;
+        let outputs = run_forward::<B>(&folder, self.component, &inputs, &device)?;
+        let named: Vec<(&str, TensorData)> = outputs.iter().map(|(k, v)| (k.as_str(), v.clone())).collect();
+        write_tensor_file(&self.out, &named)?;
+        for (name, data) in &outputs {
+            println!("{name}: {:?}", data.shape.as_slice());
+        }
+        Ok(())
+    }
+}
+
+fn tokenize(model: &std::path::Path, prompts: &std::path::Path, out: &std::path::Path) -> Result<()> {
+    let tokenizer = ClipTokenizer::from_folder(&model.join("tokenizer"))?;
+    let prompts: Vec<String> = duo_core::error::read_json(prompts)?;
+    let len = tokenizer.model_max_length();
+    let ids: Vec<Vec<u32>> = prompts.iter().map(|p| tokenizer.encode_padded(p, len)).collect();
+    let json = serde_json::json!({ "input_ids": ids });
+    let text = serde_json::to_string(&json).map_err(|e| DuoError::Invalid(e.to_string()))?;
+    duo_core::fsutil::write_atomic(out, text.as_bytes())?;
+    println!("{} prompt(s) → {}", ids.len(), out.display());
+    Ok(())
+}
