@@ -99,7 +99,7 @@ impl ClipTextConfig {
             ],
             &[("position_embedding_type", json!("absolute"))],
         )?;
-        if config.num_attention_heads == 0 || config.hidden_size % config.num_attention_heads != 0 {
+        if config.num_attention_heads == 0 || !config.hidden_size.is_multiple_of(config.num_attention_heads) {
             return Err(DuoError::config(
                 path,
                 format!(

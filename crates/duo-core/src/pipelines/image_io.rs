@@ -12,7 +12,7 @@ use crate::error::{DuoError, Result};
 pub fn load_image<B: Backend>(path: &Path, multiple: usize, device: &B::Device) -> Result<Tensor<B, 4>> {
     let img = image::open(path).map_err(|e| DuoError::parse(path, e.to_string()))?.to_rgb8();
     let (w, h) = img.dimensions();
-    if w as usize % multiple != 0 || h as usize % multiple != 0 {
+    if !(w as usize).is_multiple_of(multiple) || !(h as usize).is_multiple_of(multiple) {
         return Err(DuoError::parse(
             path,
             format!("image is {w}×{h}; both sides must be multiples of {multiple}"),

@@ -28,6 +28,13 @@ pub struct StableDiffusion<B: Backend> {
     pub device: B::Device,
 }
 
+/// The text conditioning of one denoising loop.
+struct Conditioning<B: Backend> {
+    /// `[negative; positive]` embeddings with guidance, the positive ones alone without.
+    context: Tensor<B, 3>,
+    guidance_scale: f64,
+}
+
 /// What to generate; `negative_prompts` empty means "" for each prompt.
 #[derive(Debug, Clone)]
 pub struct Generation {
@@ -64,7 +71,14 @@ impl<B: Backend> StableDiffusion<B> {
 
     /// The conditioning for a loop: `[negative; positive]` embeddings when guidance applies (scale > 1),
     /// else the positive ones alone.
-    fn conditioning(&self, generation: &Generation) -> Result<Tensor<B, 3>> {
+    fn conditioning(&self, generation: &Generation) -> Result<Conditioning<B>> {
+        Ok(Conditioning {
+            context: self.text_context(generation)?,
+            guidance_scale: generation.guidance_scale,
+        })
+    }
+
+    fn text_context(&self, generation: &Generation) -> Result<Tensor<B, 3>> {
         let batch = generation.prompts.len();
         if batch == 0 {
             return Err(DuoError::Invalid("no prompt given".into()));
@@ -88,11 +102,11 @@ impl<B: Backend> StableDiffusion<B> {
         mut latents: Tensor<B, 4>,
         scheduler: &Scheduler,
         start: usize,
-        context: Tensor<B, 3>,
-        guidance_scale: f64,
+        conditioning: Conditioning<B>,
         noise: &mut NoiseSource,
         mut on_step: impl FnMut(usize, usize),
     ) -> Result<Tensor<B, 4>> {
+        let Conditioning { context, guidance_scale } = conditioning;
         let guided = guidance_scale > 1.0;
         let batch = latents.dims()[0];
         let mut state = scheduler.initial_state();
@@ -140,8 +154,7 @@ impl<B: Backend> StableDiffusion<B> {
         self.check_batch(generation, &latents)?;
         let context = self.conditioning(generation)?;
         let latents = latents * scheduler.init_noise_sigma();
-        let latents =
-            self.denoise(latents, scheduler, 0, context, generation.guidance_scale, noise, on_step)?;
+        let latents = self.denoise(latents, scheduler, 0, context, noise, on_step)?;
         Ok(self.decode(latents))
     }
 
@@ -185,8 +198,7 @@ impl<B: Backend> StableDiffusion<B> {
         let context = self.conditioning(generation)?;
         let (latents, start) = self.img2img_latents(scheduler, image, strength, draws, noise)?;
         self.check_batch(generation, &latents)?;
-        let latents =
-            self.denoise(latents, scheduler, start, context, generation.guidance_scale, noise, on_step)?;
+        let latents = self.denoise(latents, scheduler, start, context, noise, on_step)?;
         Ok(self.decode(latents))
     }
 
