@@ -65,3 +65,17 @@ fn unet_runs_in_f16() {
     let outputs = run_forward::<B>(&folder, Component::Unet, &inputs, &Default::default()).unwrap();
     assert_close(&format!("{name} (f16)"), &outputs[0].1, expected.get("out").unwrap(), 2e-2);
 }
+
+/// A text encoder saved as a PyTorch pickle (`pytorch_model.bin`) loads to the same outputs.
+#[test]
+fn pytorch_bin_weights_load() {
+    let name = "sd1-tiny-text_encoder";
+    let dir = fixtures().join("forward");
+    let folder = ModelFolder::open(fixtures().join("models/sd1-tiny-bin")).unwrap();
+    let inputs = TensorFile::read(&dir.join(format!("{name}.in.safetensors"))).unwrap();
+    let expected = TensorFile::read(&dir.join(format!("{name}.out.safetensors"))).unwrap();
+    let outputs = run_forward::<B>(&folder, Component::TextEncoder, &inputs, &Default::default()).unwrap();
+    for (key, actual) in outputs {
+        assert_close(&format!("{name} (.bin)/{key}"), &actual, expected.get(&key).unwrap(), 1e-4);
+    }
+}

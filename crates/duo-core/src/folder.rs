@@ -11,7 +11,7 @@ use crate::models::{
     AutoencoderKL, AutoencoderKLConfig, ClipTextConfig, ClipTextModel, UNet2DConditionConfig,
 };
 use crate::models::{UNet2DConditionModel, UNetLayout};
-use crate::weights::{self, load_safetensors};
+use crate::weights::{self, load_weights};
 
 #[derive(Debug, Clone)]
 pub struct ModelFolder {
@@ -71,27 +71,18 @@ impl ModelFolder {
         }
     }
 
-    /// The weights file of a component: `<stem>[.<variant>].safetensors`. `bin_stem` names the PyTorch
-    /// pickle diffusers/transformers would save instead, to say so when only that one exists.
+    /// The weights file of a component: `<stem>[.<variant>].safetensors`, else the PyTorch pickle
+    /// `<bin_stem>[.<variant>].bin` that older diffusers/transformers saves hold.
     fn weights_file(&self, component: &str, stem: &str, bin_stem: &str) -> Result<PathBuf> {
-        let name = match &self.variant {
-            Some(v) => format!("{stem}.{v}.safetensors"),
-            None => format!("{stem}.safetensors"),
+        let name = |stem: &str, ext: &str| match &self.variant {
+            Some(v) => format!("{stem}.{v}.{ext}"),
+            None => format!("{stem}.{ext}"),
         };
-        let path = self.root.join(component).join(&name);
-        if path.is_file() {
-            return Ok(path);
-        }
-        let bin = self.root.join(component).join(format!("{bin_stem}.bin"));
-        let hint = if bin.is_file() {
-            format!(
-                "; found {} but PyTorch .bin weights are not supported, convert them to safetensors",
-                bin.display()
-            )
-        } else {
-            String::new()
-        };
-        Err(DuoError::weights(&path, format!("weight file not found{hint}")))
+        let safetensors = self.root.join(component).join(name(stem, "safetensors"));
+        let pickle = self.root.join(component).join(name(bin_stem, "bin"));
+        [&safetensors, &pickle].into_iter().find(|p| p.is_file()).cloned().ok_or_else(|| {
+            DuoError::weights(&safetensors, format!("weight file not found (nor {})", pickle.display()))
+        })
     }
 
     pub fn unet_layout(&self) -> Result<UNetLayout> {
@@ -106,7 +97,7 @@ impl ModelFolder {
         if layout.config.use_linear_projection {
             remaps.extend_from_slice(weights::UNET_LINEAR_PROJECTION_REMAPS);
         }
-        load_safetensors(layout.init(device), &file, &remaps, self.dtype, &[])
+        load_weights(layout.init(device), &file, &remaps, self.dtype, &[])
     }
 
     pub fn vae_config(&self) -> Result<AutoencoderKLConfig> {
@@ -116,7 +107,7 @@ impl ModelFolder {
     pub fn vae<B: Backend>(&self, device: &B::Device) -> Result<AutoencoderKL<B>> {
         let config = self.vae_config()?;
         let file = self.weights_file("vae", "diffusion_pytorch_model", "diffusion_pytorch_model")?;
-        load_safetensors(config.init(device), &file, weights::VAE_REMAPS, self.dtype, &[])
+        load_weights(config.init(device), &file, weights::VAE_REMAPS, self.dtype, &[])
     }
 
     pub fn text_encoder_config(&self) -> Result<ClipTextConfig> {
@@ -126,6 +117,6 @@ impl ModelFolder {
     pub fn text_encoder<B: Backend>(&self, device: &B::Device) -> Result<ClipTextModel<B>> {
         let config = self.text_encoder_config()?;
         let file = self.weights_file("text_encoder", "model", "pytorch_model")?;
-        load_safetensors(config.init(device), &file, weights::CLIP_REMAPS, self.dtype, weights::CLIP_IGNORED)
+        load_weights(config.init(device), &file, weights::CLIP_REMAPS, self.dtype, weights::CLIP_IGNORED)
     }
 }

@@ -10,10 +10,11 @@ use std::rc::Rc;
 use burn::module::Module;
 use burn::prelude::*;
 use burn::store::{
-    ApplyError, KeyRemapper, ModuleAdapter, ModuleSnapshot, PyTorchToBurnAdapter, SafetensorsStore,
-    TensorSnapshot,
+    ApplyError, KeyRemapper, ModuleAdapter, ModuleSnapshot, ModuleStore, PyTorchToBurnAdapter,
+    SafetensorsStore, TensorSnapshot,
 };
 use burn::tensor::DType;
+use burn_store::PytorchStore;
 
 use crate::error::{DuoError, Result};
 
@@ -72,9 +73,33 @@ impl ModuleAdapter for CastAdapter {
     }
 }
 
-/// Loads `file` (safetensors) into `module` as `dtype`, with `remaps` applied to the file's keys;
-/// `ignored` keys may be present in the file without a matching parameter.
-pub fn load_safetensors<B: Backend, M: Module<B>>(
+/// Every tensor of a weight file: safetensors, or a PyTorch pickle (`.bin`, `.pt`, `.pth`).
+fn read_snapshots(file: &Path) -> Result<Vec<TensorSnapshot>> {
+    let is_pickle = file.extension().is_some_and(|e| e == "bin" || e == "pt" || e == "pth");
+    let snapshots = if is_pickle {
+        // no index renumbering: diffusers keys have deliberate gaps (`ff.net.0`, `ff.net.2`)
+        let mut store = PytorchStore::from_file(file).map_indices_contiguous(false);
+        store
+            .get_all_snapshots()
+            .map_err(|e| DuoError::weights(file, e.to_string()))?
+            .values()
+            .cloned()
+            .collect()
+    } else {
+        let mut store = SafetensorsStore::from_file(file);
+        store
+            .get_all_snapshots()
+            .map_err(|e| DuoError::weights(file, e.to_string()))?
+            .values()
+            .cloned()
+            .collect()
+    };
+    Ok(snapshots)
+}
+
+/// Loads `file` (safetensors or a PyTorch `.bin`) into `module` as `dtype`, with `remaps` applied to
+/// the file's keys; `ignored` keys may be present in the file without a matching parameter.
+pub fn load_weights<B: Backend, M: Module<B>>(
     mut module: M,
     file: &Path,
     remaps: &[(&str, &str)],
@@ -86,12 +111,9 @@ pub fn load_safetensors<B: Backend, M: Module<B>>(
     }
     let remapper = KeyRemapper::from_patterns(remaps.to_vec())
         .map_err(|e| DuoError::Invalid(format!("bad key remap pattern: {e}")))?;
-    let mut store = SafetensorsStore::from_file(file)
-        .with_from_adapter(PyTorchToBurnAdapter.chain(CastAdapter(dtype)))
-        .remap(remapper)
-        .allow_partial(true)
-        .validate(false);
-    let result = module.load_from(&mut store).map_err(|e| DuoError::weights(file, e.to_string()))?;
+    let (snapshots, _) = remapper.remap(read_snapshots(file)?);
+    let adapter = PyTorchToBurnAdapter.chain(CastAdapter(dtype));
+    let result = module.apply(snapshots, None, Some(Box::new(adapter)), false);
 
     if let Some(error) = result.errors.first() {
         let message = match error {

@@ -124,7 +124,7 @@ impl BackendTask for SampleTask {
                         Tensor::<B, 4>::from_data(file.get_f32("latents", 4)?, &device)
                     }
                     None => {
-                        let (h, w) = image_size(&sd, &folder, args.height, args.width)?;
+                        let (h, w) = image_size(&sd, args.height, args.width)?;
                         let f = sd.vae_scale_factor;
                         noise.normal::<B, 4>(
                             [generation.prompts.len(), sd.latent_channels, h / f, w / f],
@@ -150,12 +150,11 @@ impl BackendTask for SampleTask {
 /// VAE factor.
 fn image_size<B: Backend>(
     sd: &StableDiffusion<B>,
-    folder: &ModelFolder,
     height: Option<usize>,
     width: Option<usize>,
 ) -> Result<(usize, usize)> {
     let f = sd.vae_scale_factor;
-    let default = folder.unet_layout()?.config.sample_size.map(|s| s * f);
+    let default = sd.unet_sample_size.map(|s| s * f);
     let pick = |v: Option<usize>, name: &str| {
         v.or(default).ok_or_else(|| {
             DuoError::Invalid(format!("--{name} is needed: unet/config.json has no sample_size"))

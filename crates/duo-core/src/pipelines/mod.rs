@@ -25,6 +25,8 @@ pub struct StableDiffusion<B: Backend> {
     /// Pixels per latent cell (8 for SD).
     pub vae_scale_factor: usize,
     pub latent_channels: usize,
+    /// The latent side the UNet was trained at (`sample_size` in unet/config.json), if given.
+    pub unet_sample_size: Option<usize>,
     pub device: B::Device,
 }
 
@@ -46,6 +48,7 @@ pub struct Generation {
 impl<B: Backend> StableDiffusion<B> {
     pub fn load(folder: &ModelFolder, device: &B::Device) -> Result<Self> {
         let vae_config = folder.vae_config()?;
+        let unet_sample_size = folder.unet_layout()?.config.sample_size;
         Ok(Self {
             tokenizer: ClipTokenizer::from_folder(&folder.root().join("tokenizer"))?,
             text_encoder: folder.text_encoder(device)?,
@@ -56,6 +59,7 @@ impl<B: Backend> StableDiffusion<B> {
             )?,
             vae_scale_factor: vae_config.downscale_factor(),
             latent_channels: vae_config.latent_channels,
+            unet_sample_size,
             device: device.clone(),
         })
     }
