@@ -8,6 +8,7 @@ pub mod forward;
 pub mod fsutil;
 pub mod lora;
 pub mod models;
+pub mod objective;
 pub mod pipelines;
 pub mod schedulers;
 pub mod tensor_file;
