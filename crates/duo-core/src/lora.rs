@@ -186,8 +186,7 @@ impl<B: Backend> LoraAdapter<B> {
 ///
 /// Freezing goes through `Param::set_require_grad`, which leaves lazy parameters lazy (unlike
 /// `Module::no_grad`, which would initialise them): attaching to a UNet built but not loaded
-/// allocates nothing for the base, and a base loaded afterwards keeps the frozen flag (burn-store
-/// applies the parameter's own `require_grad` on load).
+/// allocates nothing for the base, so SD 1.4's adapters can be counted without its weights.
 pub fn attach_lora<B: Backend>(
     unet: UNet2DConditionModel<B>,
     cfg: &LoraConfig,
@@ -231,6 +230,11 @@ pub fn attach_lora<B: Backend>(
 }
 
 /// Marks every parameter as not requiring gradients, without initialising lazy ones.
+///
+/// Caveat of Burn 0.21: for a still-lazy parameter this updates the deferred init but not the
+/// `Param`'s own `require_grad` field, which `valid()` → `from_inner()` restores; a lazy base that
+/// were then randomly initialised and round-tripped would come back trainable. Loaded weights are
+/// initialised parameters, for which the flag is set properly.
 fn freeze<B: Backend, M: Module<B>>(module: M) -> M {
     struct Freeze;
     impl<B: Backend> ModuleMapper<B> for Freeze {
