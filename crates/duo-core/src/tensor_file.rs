@@ -1,7 +1,7 @@
 //! Plain safetensors files of named tensors: inputs and outputs of `duo-bench forward`, latents given to
 //! the pipelines, parity fixtures. (Module weights go through `burn-store` in `weights.rs`.)
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 use std::path::Path;
 
 use burn::tensor::{DType, TensorData};
@@ -9,16 +9,20 @@ use safetensors::{Dtype, SafeTensors};
 
 use crate::error::{DuoError, Result};
 
-/// The tensors of one file, by name, in their stored element type.
+/// The tensors of one file, by name, in their stored element type, and its header's string metadata.
 pub struct TensorFile {
     path: std::path::PathBuf,
     tensors: BTreeMap<String, TensorData>,
+    metadata: HashMap<String, String>,
 }
 
 impl TensorFile {
     pub fn read(path: &Path) -> Result<Self> {
         let bytes = std::fs::read(path).map_err(|e| DuoError::io(path, e))?;
         let file = SafeTensors::deserialize(&bytes).map_err(|e| DuoError::parse(path, e.to_string()))?;
+        let (_, header) =
+            SafeTensors::read_metadata(&bytes).map_err(|e| DuoError::parse(path, e.to_string()))?;
+        let metadata = header.metadata().clone().unwrap_or_default();
         let mut tensors = BTreeMap::new();
         for (name, view) in file.tensors() {
             let dtype = match view.dtype() {
@@ -39,7 +43,12 @@ impl TensorFile {
             let data = TensorData::from_bytes_vec(view.data().to_vec(), view.shape().to_vec(), dtype);
             tensors.insert(name, data);
         }
-        Ok(Self { path: path.to_path_buf(), tensors })
+        Ok(Self { path: path.to_path_buf(), tensors, metadata })
+    }
+
+    /// The header's `__metadata__` entry `key` (e.g. a LoRA's alpha), if present.
+    pub fn metadata(&self, key: &str) -> Option<&str> {
+        self.metadata.get(key).map(String::as_str)
     }
 
     pub fn names(&self) -> impl Iterator<Item = &str> {
@@ -79,6 +88,16 @@ impl TensorFile {
 
 /// Writes named tensors to a safetensors file, atomically (temp file + rename).
 pub fn write_tensor_file(path: &Path, tensors: &[(&str, TensorData)]) -> Result<()> {
+    write_tensor_file_with_metadata(path, tensors, HashMap::new())
+}
+
+/// [`write_tensor_file`] with string metadata in the header (`__metadata__`), as LoRA files carry
+/// their alpha.
+pub fn write_tensor_file_with_metadata(
+    path: &Path,
+    tensors: &[(&str, TensorData)],
+    metadata: HashMap<String, String>,
+) -> Result<()> {
     let mut views = Vec::with_capacity(tensors.len());
     for (name, data) in tensors {
         let dtype = match data.dtype {
@@ -97,6 +116,7 @@ pub fn write_tensor_file(path: &Path, tensors: &[(&str, TensorData)]) -> Result<
             .map_err(|e| DuoError::Invalid(format!("tensor `{name}`: {e}")))?;
         views.push((name.to_string(), view));
     }
-    let bytes = safetensors::serialize(views, None).map_err(|e| DuoError::Invalid(e.to_string()))?;
+    let metadata = (!metadata.is_empty()).then_some(metadata);
+    let bytes = safetensors::serialize(views, metadata).map_err(|e| DuoError::Invalid(e.to_string()))?;
     crate::fsutil::write_atomic(path, &bytes)
 }

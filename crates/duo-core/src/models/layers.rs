@@ -7,15 +7,20 @@ use burn::nn::conv::{Conv2d, Conv2dConfig};
 use burn::prelude::*;
 use burn::tensor::{DType, FloatDType};
 
-/// A linear layer, `y = x·W + b` with `W` stored `[d_in, d_out]`.
+use crate::lora::LoraAdapter;
+
+/// A linear layer, `y = x·W + b` with `W` stored `[d_in, d_out]`, plus an optional LoRA adapter
+/// (`lora.rs`) adding `scale·(x·A)·B` while it is switched on.
 ///
 /// The struct must keep the name `Linear`: burn-store's PyTorch adapter transposes the 2-D `weight`
 /// of modules by that name, so diffusers' `[d_out, d_in]` weights load unchanged. It is our own type
-/// (not `burn::nn::Linear`) so that the LoRA adapters can live inside it.
+/// (not `burn::nn::Linear`) so that the LoRA adapters can live inside it. With `lora: None` the
+/// layer has exactly the parameters (and weight keys) of diffusers' `nn.Linear`.
 #[derive(Module, Debug)]
 pub struct Linear<B: Backend> {
     pub weight: Param<Tensor<B, 2>>,
     pub bias: Option<Param<Tensor<B, 1>>>,
+    pub lora: Option<LoraAdapter<B>>,
 }
 
 impl<B: Backend> Linear<B> {
@@ -26,11 +31,16 @@ impl<B: Backend> Linear<B> {
         Self {
             weight: init.init_with([d_in, d_out], Some(d_in), Some(d_out), device),
             bias: bias.then(|| init.init_with([d_out], Some(d_in), Some(d_out), device)),
+            lora: None,
         }
     }
 
     pub fn forward<const D: usize>(&self, x: Tensor<B, D>) -> Tensor<B, D> {
-        burn::tensor::module::linear(x, self.weight.val(), self.bias.as_ref().map(Param::val))
+        let bias = self.bias.as_ref().map(Param::val);
+        match self.lora.as_ref().filter(|lora| lora.is_enabled()) {
+            Some(lora) => burn::tensor::module::linear(x.clone(), self.weight.val(), bias) + lora.forward(x),
+            None => burn::tensor::module::linear(x, self.weight.val(), bias),
+        }
     }
 }
 

@@ -1,0 +1,160 @@
+//! The DUO objective (Park et al. 2024; the authors' `train/unlearn-sd.py`), docs/duo-reference.md §2.
+//!
+//! ```text
+//! θ    the policy: the UNet with LoRA on       ref  the same UNet with LoRA off (a constant, no grad)
+//! w    the winner: the safe image x⁺           l    the loser: the unsafe image x⁻
+//! L·ʷ  ε-MSE of the winner, mean over C,H,W   L·ˡ  the same for the loser (one value per pair)
+//! Δʷ = Lθʷ − Lrefʷ,   Δˡ = Lθˡ − Lrefˡ        how much worse than the reference the policy denoises
+//! m  = −β·(Δʷ − Δˡ)                           the implicit reward margin (Diffusion-DPO: −½β·(Δʷ − Δˡ))
+//!
+//! L_dpo   = mean_b −log σ(m)
+//! L_prior = mean over all elements of (εθ(ε, 999, "") − εref(ε, 999, ""))²
+//! L       = L_dpo + λ·L_prior
+//! ```
+//!
+//! The policy improving on the safe image relative to the reference (Δʷ < 0) or getting worse on
+//! the unsafe one (Δˡ > 0) raises m and lowers L_dpo.
+
+use burn::module::{AutodiffModule, ModuleVisitor, Param};
+use burn::optim::GradientsParams;
+use burn::prelude::*;
+use burn::tensor::activation::log_sigmoid;
+use burn::tensor::backend::AutodiffBackend;
+use burn::tensor::{ElementConversion, FloatDType};
+
+/// Which preference loss: DUO's, or Diffusion-DPO's for ablations (which also shares t between
+/// winner and loser; that is the caller's sampling).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Objective {
+    /// −log σ(−β·(Δʷ − Δˡ)): no ½ (the DUO authors' code).
+    Duo,
+    /// −log σ(−½β·(Δʷ − Δˡ)) (Wallace et al. 2023).
+    DiffusionDpo,
+}
+
+impl Objective {
+    fn beta_factor(self) -> f64 {
+        match self {
+            Self::Duo => 1.0,
+            Self::DiffusionDpo => 0.5,
+        }
+    }
+}
+
+/// One batch of pairs through the policy and the reference.
+pub struct DuoInputs<B: Backend> {
+    /// Lθʷ, Lrefʷ, Lθˡ, Lrefˡ: per-pair ε-MSE ([`per_sample_mse`]), each [batch].
+    pub policy_winner: Tensor<B, 1>,
+    pub reference_winner: Tensor<B, 1>,
+    pub policy_loser: Tensor<B, 1>,
+    pub reference_loser: Tensor<B, 1>,
+    /// εθ and εref on the prior branch (pure noise at t = 999, empty prompt): [batch, c, h, w].
+    pub prior_policy: Tensor<B, 4>,
+    pub prior_reference: Tensor<B, 4>,
+}
+
+/// The loss to differentiate and what to log; everything but `loss` is detached, scalars [1].
+pub struct DuoLoss<B: Backend> {
+    /// L = L_dpo + λ·L_prior
+    pub loss: Tensor<B, 1>,
+    pub dpo: Tensor<B, 1>,
+    pub prior: Tensor<B, 1>,
+    /// The fraction of pairs with m > 0.
+    pub implicit_accuracy: Tensor<B, 1>,
+    /// mean m
+    pub reward_margin: Tensor<B, 1>,
+    /// mean Δʷ = Lθʷ − Lrefʷ
+    pub winner_gap: Tensor<B, 1>,
+    /// mean Δˡ = Lθˡ − Lrefˡ
+    pub loser_gap: Tensor<B, 1>,
+}
+
+pub fn duo_loss<B: Backend>(x: DuoInputs<B>, beta: f64, lambda: f64, objective: Objective) -> DuoLoss<B> {
+    // The reference is a target, not a path for gradients, whichever backend computed it.
+    let winner_gap = x.policy_winner - x.reference_winner.detach();
+    let loser_gap = x.policy_loser - x.reference_loser.detach();
+    let margin = (winner_gap.clone() - loser_gap.clone()) * (-objective.beta_factor() * beta);
+    let dpo = -log_sigmoid(margin.clone()).mean();
+    let prior = (x.prior_policy - x.prior_reference.detach()).square().mean();
+    let loss = dpo.clone() + prior.clone() * lambda;
+    let margin = margin.detach();
+    DuoLoss {
+        loss,
+        dpo: dpo.detach(),
+        prior: prior.detach(),
+        implicit_accuracy: margin.clone().greater_elem(0.0).float().mean(),
+        reward_margin: margin.mean(),
+        winner_gap: winner_gap.detach().mean(),
+        loser_gap: loser_gap.detach().mean(),
+    }
+}
+
+/// ‖pred − target‖² averaged over C, H, W: one loss per sample [batch], in f32 whatever the
+/// activations' dtype (the authors compute their losses in fp32).
+pub fn per_sample_mse<B: Backend>(pred: Tensor<B, 4>, target: Tensor<B, 4>) -> Tensor<B, 1> {
+    let batch = pred.dims()[0];
+    let diff = pred.cast(FloatDType::F32) - target.cast(FloatDType::F32);
+    diff.square().flatten::<2>(1, 3).mean_dim(1).reshape([batch])
+}
+
+/// The authors' β coupling of the learning rate: `base_lr·100/β` (β = 500 → 3e-4 becomes 6e-5), or
+/// `base_lr` as given when not coupled.
+pub fn effective_lr(base_lr: f64, beta: f64, coupled: bool) -> f64 {
+    if coupled { base_lr * 100.0 / beta } else { base_lr }
+}
+
+/// The authors' β coupling of the prior weight: `base_λ·β/100` (β = 500 → 1e6 becomes 5e6).
+pub fn effective_lambda(base_lambda: f64, beta: f64) -> f64 {
+    base_lambda * beta / 100.0
+}
+
+/// PyTorch's `clip_grad_norm_(params, max_norm)`: one L2 norm over the gradients of all of
+/// `module`'s parameters together, and every gradient scaled by `max_norm / (norm + 1e-6)` when
+/// that is below 1. (Burn's own `GradientClippingConfig::Norm` clips each tensor by its own norm.)
+/// Returns the gradients and the norm before clipping.
+pub fn clip_global_grad_norm<B: AutodiffBackend, M: AutodiffModule<B>>(
+    module: &M,
+    mut grads: GradientsParams,
+    max_norm: f64,
+) -> (GradientsParams, f64) {
+    let mut squares = SumOfSquares::<B> { grads: &grads, sum: None };
+    module.visit(&mut squares);
+    let norm = squares.sum.map_or(0.0, |sum| sum.into_scalar().elem::<f64>().sqrt());
+    let coef = max_norm / (norm + 1e-6);
+    if coef < 1.0 {
+        module.visit(&mut ScaleGrads::<B> { grads: &mut grads, coef, backend: std::marker::PhantomData });
+    }
+    (grads, norm)
+}
+
+/// Σ‖g‖² over the parameters that have a gradient, accumulated on the device (one read at the end).
+struct SumOfSquares<'a, B: AutodiffBackend> {
+    grads: &'a GradientsParams,
+    sum: Option<Tensor<B::InnerBackend, 1>>,
+}
+
+impl<B: AutodiffBackend> ModuleVisitor<B> for SumOfSquares<'_, B> {
+    fn visit_float<const D: usize>(&mut self, param: &Param<Tensor<B, D>>) {
+        if let Some(grad) = self.grads.get::<B::InnerBackend, D>(param.id) {
+            let squares = grad.cast(FloatDType::F32).square().sum();
+            self.sum = Some(match self.sum.take() {
+                Some(sum) => sum + squares,
+                None => squares,
+            });
+        }
+    }
+}
+
+struct ScaleGrads<'a, B: AutodiffBackend> {
+    grads: &'a mut GradientsParams,
+    coef: f64,
+    backend: std::marker::PhantomData<B>,
+}
+
+impl<B: AutodiffBackend> ModuleVisitor<B> for ScaleGrads<'_, B> {
+    fn visit_float<const D: usize>(&mut self, param: &Param<Tensor<B, D>>) {
+        if let Some(grad) = self.grads.remove::<B::InnerBackend, D>(param.id) {
+            self.grads.register(param.id, grad * self.coef);
+        }
+    }
+}
