@@ -130,7 +130,7 @@ impl BackendTask for PerfTask {
 
         // forward (inference backend)
         let unet = layout.init::<B>(&device);
-        let unet_parameters = unet.num_params();
+        let unet_parameters = duo_core::models::parameter_count(&unet);
         let unet_forward_ms = time_ms::<B>(&device, args.iters, || {
             let (x, t, ctx) = inputs(&mut noise);
             let _ = unet.forward(x, t, ctx).into_data();

@@ -14,3 +14,20 @@ pub mod unet_2d_condition;
 pub use autoencoder_kl::{AutoencoderKL, AutoencoderKLConfig};
 pub use clip_text::{ClipTextConfig, ClipTextModel, ClipTextOutput};
 pub use unet_2d_condition::{UNet2DConditionConfig, UNet2DConditionModel, UNetLayout};
+
+use burn::module::{Module, ModuleVisitor, Param};
+use burn::prelude::*;
+
+/// Number of float parameters, read from their (possibly lazy) shapes: unlike `Module::num_params`
+/// it does not initialise lazy parameters, so counting the full SD 1.4 UNet costs nothing.
+pub fn parameter_count<B: Backend, M: Module<B>>(module: &M) -> usize {
+    struct Counter(usize);
+    impl<B: Backend> ModuleVisitor<B> for Counter {
+        fn visit_float<const D: usize>(&mut self, param: &Param<Tensor<B, D>>) {
+            self.0 += param.lazy_shape().num_elements();
+        }
+    }
+    let mut counter = Counter(0);
+    module.visit(&mut counter);
+    counter.0
+}
