@@ -74,9 +74,13 @@ fn missing_key_is_named() {
     let path = dir.join("unet/diffusion_pytorch_model.safetensors");
     let file = TensorFile::read(&path).unwrap();
     let dropped = "conv_in.weight";
-    let kept: Vec<(String, burn::tensor::TensorData)> =
-        file.names().filter(|n| *n != dropped).map(|n| (n.to_string(), file.get(n).unwrap().clone())).collect();
-    let kept: Vec<(&str, burn::tensor::TensorData)> = kept.iter().map(|(n, d)| (n.as_str(), d.clone())).collect();
+    let kept: Vec<(String, burn::tensor::TensorData)> = file
+        .names()
+        .filter(|n| *n != dropped)
+        .map(|n| (n.to_string(), file.get(n).unwrap().clone()))
+        .collect();
+    let kept: Vec<(&str, burn::tensor::TensorData)> =
+        kept.iter().map(|(n, d)| (n.as_str(), d.clone())).collect();
     write_tensor_file(&path, &kept).unwrap();
     let err = unet_error(&dir);
     assert!(err.contains("conv_in.weight") && err.contains("missing"), "{err}");
@@ -90,7 +94,8 @@ fn unexpected_key_is_named() {
     let mut all: Vec<(String, burn::tensor::TensorData)> =
         file.names().map(|n| (n.to_string(), file.get(n).unwrap().clone())).collect();
     all.push(("mystery.weight".into(), burn::tensor::TensorData::new(vec![1f32], [1])));
-    let all: Vec<(&str, burn::tensor::TensorData)> = all.iter().map(|(n, d)| (n.as_str(), d.clone())).collect();
+    let all: Vec<(&str, burn::tensor::TensorData)> =
+        all.iter().map(|(n, d)| (n.as_str(), d.clone())).collect();
     write_tensor_file(&path, &all).unwrap();
     let err = unet_error(&dir);
     assert!(err.contains("mystery.weight") && err.contains("unexpected"), "{err}");
@@ -108,7 +113,9 @@ fn shape_disagreeing_with_config_is_named() {
 #[test]
 fn unknown_block_type_is_named() {
     let dir = copy_of_tiny("block-type");
-    edit_json(&dir.join("unet/config.json"), |c| c["down_block_types"][0] = serde_json::json!("SimpleCrossAttnDownBlock2D"));
+    edit_json(&dir.join("unet/config.json"), |c| {
+        c["down_block_types"][0] = serde_json::json!("SimpleCrossAttnDownBlock2D")
+    });
     let err = unet_error(&dir);
     assert!(err.contains("unet/config.json") && err.contains("SimpleCrossAttnDownBlock2D"), "{err}");
 }
@@ -116,7 +123,9 @@ fn unknown_block_type_is_named() {
 #[test]
 fn unsupported_config_value_is_named() {
     let dir = copy_of_tiny("config-value");
-    edit_json(&dir.join("unet/config.json"), |c| c["resnet_time_scale_shift"] = serde_json::json!("scale_shift"));
+    edit_json(&dir.join("unet/config.json"), |c| {
+        c["resnet_time_scale_shift"] = serde_json::json!("scale_shift")
+    });
     let err = unet_error(&dir);
     assert!(err.contains("resnet_time_scale_shift") && err.contains("scale_shift"), "{err}");
 }

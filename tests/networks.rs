@@ -58,7 +58,8 @@ fn vae_matches_diffusers() {
 fn unet_runs_in_f16() {
     let name = "sd1-tiny-unet-int";
     let dir = fixtures().join("forward");
-    let folder = ModelFolder::open(fixtures().join("models/sd1-tiny")).unwrap().with_dtype(burn::tensor::DType::F16);
+    let folder =
+        ModelFolder::open(fixtures().join("models/sd1-tiny")).unwrap().with_dtype(burn::tensor::DType::F16);
     let inputs = TensorFile::read(&dir.join(format!("{name}.in.safetensors"))).unwrap();
     let expected = TensorFile::read(&dir.join(format!("{name}.out.safetensors"))).unwrap();
     let outputs = run_forward::<B>(&folder, Component::Unet, &inputs, &Default::default()).unwrap();

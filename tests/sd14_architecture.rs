@@ -9,7 +9,8 @@ use duo_core::ModelFolder;
 use duo_core::models::{AutoencoderKLConfig, ClipTextConfig};
 
 fn folder() -> ModelFolder {
-    ModelFolder::open(std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../../models/sd-v1-4-configs")).unwrap()
+    ModelFolder::open(std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../../models/sd-v1-4-configs"))
+        .unwrap()
 }
 
 /// Parameter counts equal diffusers'/transformers' for the same configs, which pins down every layer
@@ -20,9 +21,12 @@ fn parameter_counts_match_diffusers() {
     let f = folder();
     let unet = f.unet_layout().unwrap().init::<B>(&device);
     assert_eq!(unet.num_params(), 859_520_964, "UNet");
-    let vae = AutoencoderKLConfig::from_file(&f.file("vae", "config.json").unwrap()).unwrap().init::<B>(&device);
+    let vae =
+        AutoencoderKLConfig::from_file(&f.file("vae", "config.json").unwrap()).unwrap().init::<B>(&device);
     assert_eq!(vae.num_params(), 83_653_863, "VAE");
-    let text = ClipTextConfig::from_file(&f.file("text_encoder", "config.json").unwrap()).unwrap().init::<B>(&device);
+    let text = ClipTextConfig::from_file(&f.file("text_encoder", "config.json").unwrap())
+        .unwrap()
+        .init::<B>(&device);
     assert_eq!(text.num_params(), 123_060_480, "text encoder");
 }
 
@@ -32,7 +36,8 @@ fn parameter_counts_match_diffusers() {
 fn full_size_unet_forward_runs() {
     let device = Default::default();
     let unet = folder().unet_layout().unwrap().init::<B>(&device);
-    let sample = Tensor::<B, 4>::random([1, 4, 64, 64], burn::tensor::Distribution::Normal(0.0, 1.0), &device);
+    let sample =
+        Tensor::<B, 4>::random([1, 4, 64, 64], burn::tensor::Distribution::Normal(0.0, 1.0), &device);
     let context = Tensor::<B, 3>::random([1, 77, 768], burn::tensor::Distribution::Normal(0.0, 1.0), &device);
     let out = unet.forward(sample, Tensor::from_floats([500.0], &device), context);
     assert_eq!(out.dims(), [1, 4, 64, 64]);

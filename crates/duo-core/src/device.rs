@@ -169,9 +169,12 @@ pub fn dispatch<T: BackendTask>(choice: DeviceChoice, float: FloatType, task: T)
             task,
         ),
         #[cfg(feature = "cuda")]
-        DeviceChoice::Cuda(i) => {
-            run_checked::<burn::backend::Cuda, T>(burn::backend::cuda::CudaDevice::new(i), choice, float, task)
-        }
+        DeviceChoice::Cuda(i) => run_checked::<burn::backend::Cuda, T>(
+            burn::backend::cuda::CudaDevice::new(i),
+            choice,
+            float,
+            task,
+        ),
         #[allow(unreachable_patterns)]
         other => Err(DuoError::Invalid(format!("device {other} is not compiled into this binary"))),
     }
@@ -185,7 +188,9 @@ fn run_checked<B: Backend, T: BackendTask>(
 ) -> Result<T::Output> {
     let dtype = float.dtype();
     if !B::supports_dtype(&device, dtype) {
-        return Err(DuoError::Invalid(format!("device {choice} cannot compute in {float:?}; use --dtype f32")));
+        return Err(DuoError::Invalid(format!(
+            "device {choice} cannot compute in {float:?}; use --dtype f32"
+        )));
     }
     task.run::<B>(device, dtype)
 }

@@ -7,7 +7,9 @@ use burn::prelude::*;
 use burn::tensor::DType;
 
 use crate::error::{DuoError, Result};
-use crate::models::{AutoencoderKL, AutoencoderKLConfig, ClipTextConfig, ClipTextModel, UNet2DConditionConfig};
+use crate::models::{
+    AutoencoderKL, AutoencoderKLConfig, ClipTextConfig, ClipTextModel, UNet2DConditionConfig,
+};
 use crate::models::{UNet2DConditionModel, UNetLayout};
 use crate::weights::{self, load_safetensors};
 
@@ -26,7 +28,10 @@ impl ModelFolder {
         if !root.is_dir() {
             return Err(DuoError::io(
                 &root,
-                std::io::Error::new(std::io::ErrorKind::NotFound, "model folder not found (expected a diffusers pipeline folder)"),
+                std::io::Error::new(
+                    std::io::ErrorKind::NotFound,
+                    "model folder not found (expected a diffusers pipeline folder)",
+                ),
             ));
         }
         Ok(Self { root, variant: None, dtype: DType::F32 })
@@ -79,7 +84,10 @@ impl ModelFolder {
         }
         let bin = self.root.join(component).join(format!("{bin_stem}.bin"));
         let hint = if bin.is_file() {
-            format!("; found {} but PyTorch .bin weights are not supported, convert them to safetensors", bin.display())
+            format!(
+                "; found {} but PyTorch .bin weights are not supported, convert them to safetensors",
+                bin.display()
+            )
         } else {
             String::new()
         };

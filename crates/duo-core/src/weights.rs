@@ -10,7 +10,8 @@ use std::rc::Rc;
 use burn::module::Module;
 use burn::prelude::*;
 use burn::store::{
-    ApplyError, KeyRemapper, ModuleAdapter, ModuleSnapshot, PyTorchToBurnAdapter, SafetensorsStore, TensorSnapshot,
+    ApplyError, KeyRemapper, ModuleAdapter, ModuleSnapshot, PyTorchToBurnAdapter, SafetensorsStore,
+    TensorSnapshot,
 };
 use burn::tensor::DType;
 

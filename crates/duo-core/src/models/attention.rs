@@ -46,7 +46,14 @@ pub struct Attention<B: Backend> {
 
 impl<B: Backend> Attention<B> {
     /// `context_dim`: the key/value input width (the query width for self-attention).
-    pub fn new(query_dim: usize, context_dim: usize, heads: usize, head_dim: usize, qkv_bias: bool, device: &B::Device) -> Self {
+    pub fn new(
+        query_dim: usize,
+        context_dim: usize,
+        heads: usize,
+        head_dim: usize,
+        qkv_bias: bool,
+        device: &B::Device,
+    ) -> Self {
         let inner = heads * head_dim;
         Self {
             group_norm: None,
@@ -91,7 +98,10 @@ pub struct FeedForward<B: Backend> {
 impl<B: Backend> FeedForward<B> {
     pub fn new(dim: usize, device: &B::Device) -> Self {
         let inner = dim * 4;
-        Self { proj_in: Linear::new(dim, inner * 2, true, device), proj_out: Linear::new(inner, dim, true, device) }
+        Self {
+            proj_in: Linear::new(dim, inner * 2, true, device),
+            proj_out: Linear::new(inner, dim, true, device),
+        }
     }
 
     pub fn forward(&self, x: Tensor<B, 3>) -> Tensor<B, 3> {
@@ -115,7 +125,13 @@ pub struct BasicTransformerBlock<B: Backend> {
 }
 
 impl<B: Backend> BasicTransformerBlock<B> {
-    pub fn new(dim: usize, heads: usize, head_dim: usize, cross_attention_dim: usize, device: &B::Device) -> Self {
+    pub fn new(
+        dim: usize,
+        heads: usize,
+        head_dim: usize,
+        cross_attention_dim: usize,
+        device: &B::Device,
+    ) -> Self {
         let norm = || LayerNorm::new(dim, 1e-5, device);
         Self {
             norm1: norm(),
@@ -164,7 +180,12 @@ impl<B: Backend> Transformer2DModel<B> {
             Conv2dConfig::new([a, b], [1, 1]).with_initializer(torch_conv_init(a)).init(device)
         };
         let (proj_in, proj_in_linear, proj_out, proj_out_linear) = if c.use_linear_projection {
-            (None, Some(Linear::new(c.channels, inner, true, device)), None, Some(Linear::new(inner, c.channels, true, device)))
+            (
+                None,
+                Some(Linear::new(c.channels, inner, true, device)),
+                None,
+                Some(Linear::new(inner, c.channels, true, device)),
+            )
         } else {
             (Some(conv(c.channels, inner)), None, Some(conv(inner, c.channels)), None)
         };
@@ -173,7 +194,9 @@ impl<B: Backend> Transformer2DModel<B> {
             proj_in,
             proj_in_linear,
             transformer_blocks: (0..c.layers)
-                .map(|_| BasicTransformerBlock::new(inner, c.heads, c.head_dim, c.cross_attention_dim, device))
+                .map(|_| {
+                    BasicTransformerBlock::new(inner, c.heads, c.head_dim, c.cross_attention_dim, device)
+                })
                 .collect(),
             proj_out,
             proj_out_linear,

@@ -48,15 +48,33 @@ pub struct AutoencoderKLConfig {
     pub other: BTreeMap<String, Value>,
 }
 
-fn one() -> usize { 1 }
-fn three() -> usize { 3 }
-fn four() -> usize { 4 }
-fn groups() -> usize { 32 }
-fn yes() -> bool { true }
-fn scaling() -> f64 { 0.18215 }
-fn channels() -> Vec<usize> { vec![64] }
-fn encoder_blocks() -> Vec<String> { vec!["DownEncoderBlock2D".into()] }
-fn decoder_blocks() -> Vec<String> { vec!["UpDecoderBlock2D".into()] }
+fn one() -> usize {
+    1
+}
+fn three() -> usize {
+    3
+}
+fn four() -> usize {
+    4
+}
+fn groups() -> usize {
+    32
+}
+fn yes() -> bool {
+    true
+}
+fn scaling() -> f64 {
+    0.18215
+}
+fn channels() -> Vec<usize> {
+    vec![64]
+}
+fn encoder_blocks() -> Vec<String> {
+    vec!["DownEncoderBlock2D".into()]
+}
+fn decoder_blocks() -> Vec<String> {
+    vec!["UpDecoderBlock2D".into()]
+}
 
 impl AutoencoderKLConfig {
     pub fn from_file(path: &Path) -> Result<Self> {
@@ -70,7 +88,12 @@ impl AutoencoderKLConfig {
             path,
             &self.other,
             &["sample_size", "force_upcast"],
-            &[("act_fn", json!("silu")), ("shift_factor", Value::Null), ("latents_mean", Value::Null), ("latents_std", Value::Null)],
+            &[
+                ("act_fn", json!("silu")),
+                ("shift_factor", Value::Null),
+                ("latents_mean", Value::Null),
+                ("latents_std", Value::Null),
+            ],
         )?;
         let err = |m: String| DuoError::config(path, m);
         let n = self.block_out_channels.len();
@@ -121,7 +144,9 @@ impl AutoencoderKLConfig {
             resample,
             downsample_padding: 0,
         };
-        let conv1x1 = |a: usize, b: usize| Conv2dConfig::new([a, b], [1, 1]).with_initializer(torch_conv_init(a)).init(device);
+        let conv1x1 = |a: usize, b: usize| {
+            Conv2dConfig::new([a, b], [1, 1]).with_initializer(torch_conv_init(a)).init(device)
+        };
         let latent = self.latent_channels;
         let encoder = Encoder {
             conv_in: conv2d(self.in_channels, ch[0], 3, device),
@@ -141,7 +166,10 @@ impl AutoencoderKLConfig {
             up_blocks: (0..n)
                 .map(|i| {
                     let input = if i == 0 { ch[n - 1] } else { ch[n - i] };
-                    UpBlock2D::new_decoder(&block(input, ch[n - 1 - i], self.layers_per_block + 1, i + 1 < n), device)
+                    UpBlock2D::new_decoder(
+                        &block(input, ch[n - 1 - i], self.layers_per_block + 1, i + 1 < n),
+                        device,
+                    )
                 })
                 .collect(),
             conv_norm_out: GroupNorm32::new(g, ch[0], VAE_EPS, device),

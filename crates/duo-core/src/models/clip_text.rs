@@ -40,15 +40,33 @@ pub struct ClipTextConfig {
     pub other: BTreeMap<String, Value>,
 }
 
-fn vocab() -> usize { 49408 }
-fn hidden() -> usize { 512 }
-fn intermediate() -> usize { 2048 }
-fn layers() -> usize { 12 }
-fn heads() -> usize { 8 }
-fn positions() -> usize { 77 }
-fn quick_gelu() -> String { "quick_gelu".into() }
-fn eps() -> f64 { 1e-5 }
-fn legacy_eos() -> u32 { 2 }
+fn vocab() -> usize {
+    49408
+}
+fn hidden() -> usize {
+    512
+}
+fn intermediate() -> usize {
+    2048
+}
+fn layers() -> usize {
+    12
+}
+fn heads() -> usize {
+    8
+}
+fn positions() -> usize {
+    77
+}
+fn quick_gelu() -> String {
+    "quick_gelu".into()
+}
+fn eps() -> f64 {
+    1e-5
+}
+fn legacy_eos() -> u32 {
+    2
+}
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Activation {
@@ -64,9 +82,20 @@ impl ClipTextConfig {
             path,
             &config.other,
             &[
-                "architectures", "model_type", "torch_dtype", "dtype", "transformers_version", "projection_dim",
-                "initializer_range", "initializer_factor", "pad_token_id", "bos_token_id", "attention_dropout",
-                "dropout", "id2label", "label2id",
+                "architectures",
+                "model_type",
+                "torch_dtype",
+                "dtype",
+                "transformers_version",
+                "projection_dim",
+                "initializer_range",
+                "initializer_factor",
+                "pad_token_id",
+                "bos_token_id",
+                "attention_dropout",
+                "dropout",
+                "id2label",
+                "label2id",
             ],
             &[("position_embedding_type", json!("absolute"))],
         )?;
@@ -86,7 +115,10 @@ impl ClipTextConfig {
         match self.hidden_act.as_str() {
             "quick_gelu" => Ok(Activation::QuickGelu),
             "gelu" => Ok(Activation::Gelu),
-            other => Err(DuoError::config(path, format!("hidden_act={other:?} is not implemented (quick_gelu, gelu)"))),
+            other => Err(DuoError::config(
+                path,
+                format!("hidden_act={other:?} is not implemented (quick_gelu, gelu)"),
+            )),
         }
     }
 

@@ -25,11 +25,8 @@ pub fn timestep_features<B: Backend>(
     let device = timesteps.device();
     let freqs = Tensor::<B, 1>::from_data(TensorData::new(freqs, [half]), &device).unsqueeze::<2>();
     let args = timesteps.unsqueeze_dim::<2>(1) * freqs; // [batch, half]
-    let (first, second) = if flip_sin_to_cos {
-        (args.clone().cos(), args.sin())
-    } else {
-        (args.clone().sin(), args.cos())
-    };
+    let (first, second) =
+        if flip_sin_to_cos { (args.clone().cos(), args.sin()) } else { (args.clone().sin(), args.cos()) };
     let emb = Tensor::cat(vec![first, second], 1);
     if dim % 2 == 1 {
         // zero pad, as diffusers does for odd dims

@@ -2,8 +2,8 @@
 
 use burn::module::{Module, Param};
 use burn::nn::Initializer;
-use burn::nn::conv::{Conv2d, Conv2dConfig};
 use burn::nn::PaddingConfig2d;
+use burn::nn::conv::{Conv2d, Conv2dConfig};
 use burn::prelude::*;
 use burn::tensor::{DType, FloatDType};
 
@@ -107,7 +107,11 @@ pub struct LayerNorm<B: Backend> {
 
 impl<B: Backend> LayerNorm<B> {
     pub fn new(dim: usize, epsilon: f64, device: &B::Device) -> Self {
-        Self { weight: Initializer::Ones.init([dim], device), bias: Initializer::Zeros.init([dim], device), epsilon }
+        Self {
+            weight: Initializer::Ones.init([dim], device),
+            bias: Initializer::Zeros.init([dim], device),
+            epsilon,
+        }
     }
 
     pub fn forward<const D: usize>(&self, x: Tensor<B, D>) -> Tensor<B, D> {

@@ -1,8 +1,8 @@
 //! Residual blocks and resamplers (diffusers `resnet.py`, `downsampling.py`, `upsampling.py`).
 
 use burn::module::Module;
-use burn::nn::conv::{Conv2d, Conv2dConfig};
 use burn::nn::PaddingConfig2d;
+use burn::nn::conv::{Conv2d, Conv2dConfig};
 use burn::prelude::*;
 use burn::tensor::activation::silu;
 use burn::tensor::module::interpolate;

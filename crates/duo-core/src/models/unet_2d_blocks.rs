@@ -55,10 +55,15 @@ impl BlockConfig {
 impl<B: Backend> DownBlock2D<B> {
     pub fn new(c: &BlockConfig, device: &B::Device) -> Self {
         let resnets = (0..c.num_layers)
-            .map(|i| ResnetBlock2D::new(&c.resnet(if i == 0 { c.in_channels } else { c.out_channels }), device))
+            .map(|i| {
+                ResnetBlock2D::new(&c.resnet(if i == 0 { c.in_channels } else { c.out_channels }), device)
+            })
             .collect();
-        let downsamplers =
-            if c.resample { vec![Downsample2D::new(c.out_channels, c.downsample_padding, device)] } else { vec![] };
+        let downsamplers = if c.resample {
+            vec![Downsample2D::new(c.out_channels, c.downsample_padding, device)]
+        } else {
+            vec![]
+        };
         Self { resnets, attentions: c.transformers(device), downsamplers }
     }
 
@@ -119,7 +124,8 @@ pub struct MidBlock2D<B: Backend> {
 
 impl<B: Backend> MidBlock2D<B> {
     pub fn new(channels: usize, groups: usize, eps: f64, with_attention: bool, device: &B::Device) -> Self {
-        let resnet = ResnetConfig { in_channels: channels, out_channels: channels, temb_channels: None, groups, eps };
+        let resnet =
+            ResnetConfig { in_channels: channels, out_channels: channels, temb_channels: None, groups, eps };
         let attentions = if with_attention {
             // One head spanning all channels (diffusers: attention_head_dim = channels), with biases.
             let mut attn = Attention::new(channels, channels, 1, channels, true, device);
@@ -165,7 +171,9 @@ impl<B: Backend> UpBlock2D<B> {
     /// A VAE decoder block (no skip connections).
     pub fn new_decoder(c: &BlockConfig, device: &B::Device) -> Self {
         let resnets = (0..c.num_layers)
-            .map(|i| ResnetBlock2D::new(&c.resnet(if i == 0 { c.in_channels } else { c.out_channels }), device))
+            .map(|i| {
+                ResnetBlock2D::new(&c.resnet(if i == 0 { c.in_channels } else { c.out_channels }), device)
+            })
             .collect();
         Self { resnets, attentions: Vec::new(), upsamplers: Self::upsamplers(c, device) }
     }

@@ -67,20 +67,46 @@ pub struct UNet2DConditionConfig {
     pub other: BTreeMap<String, Value>,
 }
 
-fn d1() -> usize { 1 }
-fn d2() -> usize { 2 }
-fn d4() -> usize { 4 }
-fn d32() -> usize { 32 }
-fn d1280() -> usize { 1280 }
-fn yes() -> bool { true }
-fn one_f() -> f64 { 1.0 }
-fn eps5() -> f64 { 1e-5 }
-fn heads8() -> PerBlock { PerBlock::One(8) }
-fn layers1() -> PerBlock { PerBlock::One(1) }
-fn sd_channels() -> Vec<usize> { vec![320, 640, 1280, 1280] }
-fn sd_mid_block() -> Option<String> { Some("UNetMidBlock2DCrossAttn".into()) }
+fn d1() -> usize {
+    1
+}
+fn d2() -> usize {
+    2
+}
+fn d4() -> usize {
+    4
+}
+fn d32() -> usize {
+    32
+}
+fn d1280() -> usize {
+    1280
+}
+fn yes() -> bool {
+    true
+}
+fn one_f() -> f64 {
+    1.0
+}
+fn eps5() -> f64 {
+    1e-5
+}
+fn heads8() -> PerBlock {
+    PerBlock::One(8)
+}
+fn layers1() -> PerBlock {
+    PerBlock::One(1)
+}
+fn sd_channels() -> Vec<usize> {
+    vec![320, 640, 1280, 1280]
+}
+fn sd_mid_block() -> Option<String> {
+    Some("UNetMidBlock2DCrossAttn".into())
+}
 fn sd_down_blocks() -> Vec<String> {
-    ["CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"].map(String::from).to_vec()
+    ["CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"]
+        .map(String::from)
+        .to_vec()
 }
 fn sd_up_blocks() -> Vec<String> {
     ["UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"].map(String::from).to_vec()
@@ -174,7 +200,9 @@ impl UNet2DConditionConfig {
                 )));
             }
             if h == 0 || ch % h != 0 {
-                return Err(err(format!("attention_head_dim[{i}]={h} heads do not divide block_out_channels[{i}]={ch}")));
+                return Err(err(format!(
+                    "attention_head_dim[{i}]={h} heads do not divide block_out_channels[{i}]={ch}"
+                )));
             }
         }
         Ok(UNetLayout { config: self.clone(), heads, transformer_layers, cross_attn_down, cross_attn_up })
@@ -231,7 +259,13 @@ impl UNetLayout {
         let down_blocks = (0..n)
             .map(|i| {
                 let input = if i == 0 { ch[0] } else { ch[i - 1] };
-                let cfg = block(input, ch[i], c.layers_per_block, transformer(self.cross_attn_down[i], i, ch[i]), i + 1 < n);
+                let cfg = block(
+                    input,
+                    ch[i],
+                    c.layers_per_block,
+                    transformer(self.cross_attn_down[i], i, ch[i]),
+                    i + 1 < n,
+                );
                 DownBlock2D::new(&cfg, device)
             })
             .collect();
@@ -289,7 +323,8 @@ impl<B: Backend> UNet2DConditionModel<B> {
         let sample = if self.center_input_sample { sample * 2.0 - 1.0 } else { sample };
 
         // 1. time
-        let t_features = timestep_features(timesteps, self.time_proj_channels, self.flip_sin_to_cos, self.freq_shift);
+        let t_features =
+            timestep_features(timesteps, self.time_proj_channels, self.flip_sin_to_cos, self.freq_shift);
         let temb = self.time_embedding.forward(cast_back(t_features, sample.dtype()));
 
         // 2. pre-process
