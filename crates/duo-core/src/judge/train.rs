@@ -34,6 +34,9 @@ pub struct JudgeTrainConfig {
     /// Held-out scenes to measure on: the world the diffusion models learn.
     pub eval_world: WorldConfig,
     pub augment: AugmentConfig,
+    /// Harsher than `augment`, for evaluation only: how the judge degrades on samples worse
+    /// than any it was trained on.
+    pub stress_augment: AugmentConfig,
     pub steps: usize,
     pub batch_size: usize,
     /// Peak learning rate, reached after `warmup_steps` and then decayed to 0 along a cosine.
@@ -56,10 +59,18 @@ impl Default for JudgeTrainConfig {
             train_world: WorldConfig { size_jitter: 0.2, shift: 0.08, ..WorldConfig::default() },
             eval_world: WorldConfig::default(),
             augment: AugmentConfig::default(),
-            steps: 1500,
+            stress_augment: AugmentConfig {
+                max_shift: 3,
+                colour_jitter: 0.08,
+                blur_prob: 0.7,
+                max_blur_sigma: 1.5,
+                noise_prob: 1.0,
+                max_noise_std: 0.3,
+            },
+            steps: 400,
             batch_size: 64,
             learning_rate: 3e-3,
-            warmup_steps: 100,
+            warmup_steps: 30,
             weight_decay: 1e-4,
             seed: 101,
             eval_seed: 202,
@@ -94,7 +105,7 @@ impl JudgeTrainConfig {
                 self.seed
             ));
         }
-        if !(self.learning_rate > 0.0) {
+        if !self.learning_rate.is_finite() || self.learning_rate <= 0.0 {
             return invalid(format!("learning_rate {} must be positive", self.learning_rate));
         }
         Ok(())
@@ -114,7 +125,8 @@ impl JudgeTrainConfig {
 #[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct EvalReport {
     pub n_eval: usize,
-    pub augmented: bool,
+    /// The augmentation applied to the renders, if any.
+    pub augment: Option<AugmentConfig>,
     pub shape_accuracy: f64,
     pub colour_accuracy: f64,
     pub background_accuracy: f64,
@@ -135,9 +147,11 @@ pub struct JudgeReport {
     pub final_loss: f32,
     pub clean: EvalReport,
     pub augmented: EvalReport,
+    pub stress: EvalReport,
 }
 
-/// Trains a judge as `cfg` says and evaluates it on held-out renders, clean and augmented.
+/// Trains a judge as `cfg` says and evaluates it on held-out renders: clean, augmented as in
+/// training, and with the harsher stress augmentation.
 /// `progress(step, loss)` is called after every step.
 pub fn train_judge<B: AutodiffBackend>(
     cfg: &JudgeTrainConfig,
@@ -185,7 +199,8 @@ pub fn train_judge<B: AutodiffBackend>(
     let judge = model.valid();
     let clean = evaluate(&judge, &eval_world, cfg.eval_seed, cfg.n_eval, None, device)?;
     let augmented = evaluate(&judge, &eval_world, cfg.eval_seed, cfg.n_eval, Some(&cfg.augment), device)?;
-    Ok((judge, JudgeReport { steps: cfg.steps, seconds, final_loss, clean, augmented }))
+    let stress = evaluate(&judge, &eval_world, cfg.eval_seed, cfg.n_eval, Some(&cfg.stress_augment), device)?;
+    Ok((judge, JudgeReport { steps: cfg.steps, seconds, final_loss, clean, augmented, stress }))
 }
 
 /// Judges samples `0..n` of `world`'s stream `seed` (augmented, if asked, from a stream of its
@@ -217,7 +232,7 @@ pub fn evaluate<B: Backend>(
     let shapes_right: usize = (0..6).map(|i| confusion[i][i]).sum();
     Ok(EvalReport {
         n_eval: n,
-        augmented: augment.is_some(),
+        augment: augment.cloned(),
         shape_accuracy: share(shapes_right, n),
         colour_accuracy: share(colours_right, n),
         background_accuracy: share(backgrounds_right, n),
