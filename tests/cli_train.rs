@@ -98,3 +98,62 @@ fn sample_errors_name_the_problem() {
     assert!(!output.status.success());
     assert!(String::from_utf8_lossy(&output.stderr).contains("heun"));
 }
+
+/// `duo-train pairs` writes the reference layout and a manifest, and a rerun only fills what is
+/// missing; the judge's rejections are recorded.
+#[test]
+fn pairs_are_written_in_the_reference_layout_and_resume() {
+    let model = root().join("tests/fixtures/models/sd1-tiny");
+    let out = tmp("pairs");
+    let run = |judge: &str, extra: &[&str]| {
+        Command::new(env!("CARGO_BIN_EXE_duo-train"))
+            .args(["pairs", "--pairs", "3", "--steps", "3", "--max-tries", "2", "--concept", "cross"])
+            .args(["--judge", judge])
+            .args(extra)
+            .arg("--model")
+            .arg(&model)
+            .arg("--out")
+            .arg(&out)
+            .output()
+            .unwrap()
+    };
+    let output = run("none", &[]);
+    assert!(output.status.success(), "{}", String::from_utf8_lossy(&output.stderr));
+    let dir = out.join("cross");
+    for i in 0..3 {
+        assert!(dir.join(format!("unsafe/{i:02}.png")).is_file());
+        assert!(dir.join(format!("safe/{i:02}.png")).is_file());
+    }
+    let manifest: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(dir.join("manifest.json")).unwrap()).unwrap();
+    let pairs = manifest["pairs"].as_array().unwrap();
+    assert_eq!(pairs.len(), 3);
+    assert_eq!(pairs[0]["unsafe_prompt"], "a red cross");
+    assert_eq!(pairs[0]["safe_prompt"], "a red plus sign");
+
+    // a deleted pair is regenerated, identically (same seeds), the others are kept
+    let before = std::fs::read(dir.join("safe/01.png")).unwrap();
+    std::fs::remove_file(dir.join("safe/01.png")).unwrap();
+    let kept = std::fs::metadata(dir.join("safe/00.png")).unwrap().modified().unwrap();
+    let rerun = run("none", &[]);
+    assert!(rerun.status.success(), "rerun: {}", String::from_utf8_lossy(&rerun.stderr));
+    assert_eq!(std::fs::read(dir.join("safe/01.png")).unwrap(), before);
+    assert_eq!(std::fs::metadata(dir.join("safe/00.png")).unwrap().modified().unwrap(), kept);
+
+    // the toy judge reads 32×32 images; the tiny fixture model makes 16×16 ones: a clear error, not a
+    // misjudgement
+    let judge = root().join("models/judge");
+    let out2 = tmp("pairs-judged");
+    let output = Command::new(env!("CARGO_BIN_EXE_duo-train"))
+        .args(["pairs", "--pairs", "1", "--steps", "2", "--max-tries", "1", "--threshold", "0.99"])
+        .arg("--judge")
+        .arg(&judge)
+        .arg("--model")
+        .arg(&model)
+        .arg("--out")
+        .arg(&out2)
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(!output.status.success() && stderr.contains("expected [b, 3, 32, 32]"), "{stderr}");
+}

@@ -6,6 +6,7 @@ pub mod error;
 pub mod folder;
 pub mod forward;
 pub mod fsutil;
+pub mod judge;
 pub mod lora;
 pub mod models;
 pub mod objective;

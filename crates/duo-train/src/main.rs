@@ -1,5 +1,6 @@
 //! `duo-train`: sampling, pair generation, the DUO learner and LoRA export.
 
+mod pairs;
 mod sample;
 
 use std::process::ExitCode;
@@ -29,6 +30,8 @@ struct Cli {
 enum Command {
     /// Generate images: text-to-image, or image-to-image (SDEdit) with --init-image.
     Sample(sample::SampleArgs),
+    /// Make SDEdit preference pairs (unsafe image, safe twin) for DUO, filtered by a concept judge.
+    Pairs(pairs::PairsArgs),
 }
 
 fn run(cli: Cli) -> Result<()> {
@@ -39,6 +42,7 @@ fn run(cli: Cli) -> Result<()> {
     let float: FloatType = cli.dtype.parse()?;
     match cli.command {
         Command::Sample(args) => sample::run(args, device, float),
+        Command::Pairs(args) => pairs::run(args, device, float),
     }
 }
 

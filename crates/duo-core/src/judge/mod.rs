@@ -1,0 +1,138 @@
+//! The concept judge: a small CNN that reads the shape, colour and background of a toy-world
+//! image, rendered or generated. Pair generation uses it to reject failed samples and the
+//! evaluation uses it to count how often an erased shape still appears.
+//!
+//! It is trained on renders with augmentation that mimics generated images (pixel noise, blur,
+//! small shifts, slight colour drift), see [`train_judge`]. The shipped judge lives in
+//! `models/judge/` (`config.json` + `model.safetensors`, PyTorch layout); its README records
+//! the recipe and the accuracies measured.
+
+mod augment;
+mod model;
+mod train;
+
+use std::path::Path;
+
+use burn::prelude::*;
+use burn::store::{BurnToPyTorchAdapter, ModuleSnapshot, SafetensorsStore};
+use burn::tensor::activation::softmax;
+use burn::tensor::{DType, FloatDType};
+use serde::Serialize;
+
+pub use augment::AugmentConfig;
+pub use model::{ConceptJudge, ConvBlock, JudgeConfig, JudgeLogits};
+pub use train::{EvalReport, JudgeReport, JudgeTrainConfig, evaluate, train_judge};
+
+use crate::error::{DuoError, Result, read_json};
+use crate::fsutil::write_atomic;
+use crate::weights::load_weights;
+use crate::world::{Background, Colour, Shape};
+
+pub const CONFIG_FILE: &str = "config.json";
+pub const WEIGHTS_FILE: &str = "model.safetensors";
+
+/// Quoted when a judge file is missing: the shipped judge is produced by an ignored test.
+pub const RECREATE_HINT: &str = "recreate the shipped judge with \
+     `cargo test -p duo-core --test judge -- --ignored --nocapture train_shipped_judge` (writes models/judge/)";
+
+/// What the judge sees in one image.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize)]
+pub struct Verdict {
+    pub shape: Shape,
+    pub colour: Colour,
+    pub background: Background,
+    /// Probability of the chosen shape, colour and background.
+    pub shape_prob: f32,
+    pub colour_prob: f32,
+    pub background_prob: f32,
+    /// Probability of every shape, in [`Shape::ALL`] order (index with [`Shape::index`]).
+    pub shape_probs: [f32; 6],
+}
+
+impl<B: Backend> ConceptJudge<B> {
+    /// Loads `dir/config.json` and `dir/model.safetensors` strictly: a missing file, key or
+    /// shape, or an unexpected key, is an error naming the file.
+    pub fn load(dir: &Path, device: &B::Device) -> Result<Self> {
+        let (config_path, weights_path) = (dir.join(CONFIG_FILE), dir.join(WEIGHTS_FILE));
+        for path in [&config_path, &weights_path] {
+            if !path.is_file() {
+                let message = format!("concept judge file not found; {RECREATE_HINT}");
+                return Err(DuoError::io(path, std::io::Error::new(std::io::ErrorKind::NotFound, message)));
+            }
+        }
+        let config: JudgeConfig = read_json(&config_path)?;
+        let judge = config.init(device).map_err(|e| DuoError::config(&config_path, e.to_string()))?;
+        // Weights are read as f32 whatever their stored dtype, so an f16 file also loads.
+        load_weights(judge, &weights_path, &[], DType::F32, &[])
+    }
+
+    /// Writes `dir/model.safetensors` (PyTorch layout, like every weight file in the project)
+    /// and `dir/config.json`, each atomically.
+    pub fn save(&self, dir: &Path) -> Result<()> {
+        let weights_path = dir.join(WEIGHTS_FILE);
+        let mut store = SafetensorsStore::from_bytes(None).with_to_adapter(BurnToPyTorchAdapter);
+        self.save_into(&mut store).map_err(|e| DuoError::weights(&weights_path, e.to_string()))?;
+        let bytes = store.get_bytes().map_err(|e| DuoError::weights(&weights_path, e.to_string()))?;
+        write_atomic(&weights_path, &bytes)?;
+        let config =
+            serde_json::to_string_pretty(&self.config).map_err(|e| DuoError::Invalid(e.to_string()))?;
+        write_atomic(&dir.join(CONFIG_FILE), format!("{config}\n").as_bytes())
+    }
+
+    /// One verdict per image of `images`: [b, 3, H, W] in [0, 1] (the pipelines' output range),
+    /// H = W = the judge's resolution. Any float dtype; computed in f32.
+    pub fn judge(&self, images: Tensor<B, 4>) -> Result<Vec<Verdict>> {
+        let [b, c, h, w] = images.dims();
+        let side = self.config.resolution;
+        if c != 3 || h != side || w != side {
+            return Err(DuoError::Invalid(format!(
+                "concept judge: images are [{b}, {c}, {h}, {w}], expected [b, 3, {side}, {side}] (resize first)"
+            )));
+        }
+        if b == 0 {
+            return Ok(Vec::new());
+        }
+        let logits = self.forward(images.cast(FloatDType::F32));
+        // One read-back for all three heads: [b, 6 + 6 + 4].
+        let probs = Tensor::cat(
+            vec![softmax(logits.shape, 1), softmax(logits.colour, 1), softmax(logits.background, 1)],
+            1,
+        );
+        let probs = (probs.into_data().convert::<f32>().into_vec::<f32>())
+            .map_err(|e| DuoError::Invalid(format!("concept judge: reading probabilities: {e:?}")))?;
+        let (n_shape, n_colour) = (Shape::ALL.len(), Colour::ALL.len());
+        Ok(probs
+            .chunks_exact(probs.len() / b)
+            .map(|row| {
+                let (shape_row, rest) = row.split_at(n_shape);
+                let (colour_row, background_row) = rest.split_at(n_colour);
+                let (shape, shape_prob) = argmax(shape_row);
+                let (colour, colour_prob) = argmax(colour_row);
+                let (background, background_prob) = argmax(background_row);
+                Verdict {
+                    shape: Shape::ALL[shape],
+                    colour: Colour::ALL[colour],
+                    background: Background::ALL[background],
+                    shape_prob,
+                    colour_prob,
+                    background_prob,
+                    shape_probs: std::array::from_fn(|i| shape_row[i]),
+                }
+            })
+            .collect())
+    }
+
+    /// The probability that each image shows `shape`.
+    pub fn prob_of(&self, images: Tensor<B, 4>, shape: Shape) -> Result<Vec<f32>> {
+        Ok(self.judge(images)?.iter().map(|v| v.shape_probs[shape.index()]).collect())
+    }
+}
+
+/// Index and value of the largest entry (the first on ties). `values` is never empty here.
+fn argmax(values: &[f32]) -> (usize, f32) {
+    values
+        .iter()
+        .copied()
+        .enumerate()
+        .fold((0, f32::NEG_INFINITY), |best, (i, v)| if v > best.1 { (i, v) } else { best })
+}

@@ -1,0 +1,126 @@
+//! The concept judge: training lowers the loss, the shipped judge reads fresh renders, bad folders
+//! give errors naming the file. `train_shipped_judge` (ignored) produces `models/judge/`.
+
+mod common;
+
+use std::path::{Path, PathBuf};
+
+use burn::prelude::*;
+use common::B;
+use duo_core::fsutil::write_atomic;
+use duo_core::judge::{ConceptJudge, JudgeConfig, JudgeTrainConfig, train_judge};
+use duo_core::world::{CaptionSplit, Shape, World, WorldConfig, images_to_chw};
+
+type Train = burn::backend::Autodiff<B>;
+
+/// A seed no training or evaluation of the shipped judge used (those are 101 and 202).
+const FRESH_SEED: u64 = 303;
+
+fn shipped_dir() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../models/judge")
+}
+
+fn temp_dir(tag: &str) -> PathBuf {
+    let dir = std::env::temp_dir().join(format!("duo-judge-{tag}-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    dir
+}
+
+fn load_error(dir: &Path) -> String {
+    match ConceptJudge::<B>::load(dir, &Default::default()) {
+        Ok(_) => panic!("loading {} should fail", dir.display()),
+        Err(e) => e.to_string(),
+    }
+}
+
+#[test]
+fn a_short_training_run_lowers_the_loss() {
+    let cfg =
+        JudgeTrainConfig { steps: 40, batch_size: 16, warmup_steps: 5, n_eval: 32, ..Default::default() };
+    let mut losses = Vec::new();
+    let (_, report) = train_judge::<Train>(&cfg, &Default::default(), |_, loss| losses.push(loss)).unwrap();
+    assert_eq!((losses.len(), report.steps, report.clean.n_eval), (40, 40, 32));
+    let mean = |xs: &[f32]| xs.iter().sum::<f32>() / xs.len() as f32;
+    let (first, last) = (mean(&losses[..5]), mean(&losses[35..]));
+    println!("loss {first:.3} -> {last:.3}");
+    // Chance level is ln 6 + ln 6 + ln 4 ≈ 4.97.
+    assert!(last < 0.8 * first, "loss went from {first} to {last}");
+}
+
+#[test]
+fn shipped_judge_reads_fresh_renders() {
+    let device = Default::default();
+    let judge = ConceptJudge::<B>::load(&shipped_dir(), &device).unwrap();
+    let world = World::new(WorldConfig::default()).unwrap();
+    let scenes: Vec<_> =
+        world.batch(FRESH_SEED, 0, 64, CaptionSplit::Pretrain).into_iter().map(|s| s.scene).collect();
+    let images: Vec<_> = scenes.iter().map(|s| world.render(s)).collect();
+    let images =
+        Tensor::<B, 4>::from_data(TensorData::new(images_to_chw(&images).unwrap(), [64, 3, 32, 32]), &device);
+
+    let verdicts = judge.judge(images.clone()).unwrap();
+    let right = |f: &dyn Fn(usize) -> bool| (0..64).filter(|&i| f(i)).count();
+    let shapes = right(&|i| verdicts[i].shape == scenes[i].shape);
+    let colours = right(&|i| verdicts[i].colour == scenes[i].colour);
+    let backgrounds = right(&|i| verdicts[i].background == scenes[i].background);
+    println!("of 64: shape {shapes}, colour {colours}, background {backgrounds}");
+    assert!(shapes >= 61, "shape right on only {shapes} of 64");
+    assert!(colours >= 61 && backgrounds >= 58, "colour {colours}, background {backgrounds} of 64");
+
+    // Probabilities are consistent with the verdicts.
+    let crosses = judge.prob_of(images, Shape::Cross).unwrap();
+    for (verdict, p_cross) in verdicts.iter().zip(&crosses) {
+        assert!((verdict.shape_probs.iter().sum::<f32>() - 1.0).abs() < 1e-4);
+        assert_eq!(verdict.shape_prob, verdict.shape_probs[verdict.shape.index()]);
+        assert_eq!(*p_cross, verdict.shape_probs[Shape::Cross.index()]);
+    }
+    // Wrong sizes are refused, not misjudged.
+    assert!(judge.judge(Tensor::<B, 4>::zeros([1, 3, 64, 64], &device)).is_err());
+    assert!(judge.judge(Tensor::<B, 4>::zeros([0, 3, 32, 32], &device)).unwrap().is_empty());
+}
+
+#[test]
+fn missing_or_mismatched_files_are_named() {
+    let dir = temp_dir("missing");
+    let err = load_error(&dir);
+    assert!(err.contains("config.json") && err.contains("train_shipped_judge"), "{err}");
+
+    // A saved judge loads back to the same outputs; without its weights it names the file.
+    let device = Default::default();
+    let judge = JudgeConfig { channels: vec![8, 16], ..Default::default() }.init::<B>(&device).unwrap();
+    judge.save(&dir).unwrap();
+    let loaded = ConceptJudge::<B>::load(&dir, &device).unwrap();
+    let x = Tensor::<B, 4>::random([2, 3, 32, 32], burn::tensor::Distribution::Default, &device);
+    let (a, b) = (judge.forward(x.clone()).shape, loaded.forward(x).shape);
+    assert_eq!(a.into_data(), b.into_data());
+    std::fs::remove_file(dir.join("model.safetensors")).unwrap();
+    let err = load_error(&dir);
+    assert!(err.contains("model.safetensors") && err.contains("not found"), "{err}");
+
+    // A config that does not match the weights names the weight file.
+    judge.save(&dir).unwrap();
+    write_atomic(&dir.join("config.json"), br#"{"resolution": 32, "channels": [8, 24], "norm_groups": 8}"#)
+        .unwrap();
+    let err = load_error(&dir);
+    assert!(err.contains("model.safetensors") && err.contains("shape"), "{err}");
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
+#[test]
+#[ignore = "trains the shipped judge (a few CPU minutes) and overwrites models/judge/"]
+fn train_shipped_judge() {
+    let cfg = JudgeTrainConfig::default();
+    let (judge, report) = train_judge::<Train>(&cfg, &Default::default(), |step, loss| {
+        if step % 100 == 0 || step + 1 == cfg.steps {
+            println!("step {step:5}  loss {loss:.4}");
+        }
+    })
+    .unwrap();
+    let report_json = serde_json::to_string_pretty(&report).unwrap();
+    println!("{} parameters\n{report_json}", judge.num_params());
+    let dir = shipped_dir();
+    judge.save(&dir).unwrap();
+    write_atomic(&dir.join("report.json"), format!("{report_json}\n").as_bytes()).unwrap();
+    assert!(report.clean.shape_accuracy >= 0.99, "shape accuracy {}", report.clean.shape_accuracy);
+}
