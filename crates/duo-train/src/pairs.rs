@@ -104,7 +104,7 @@ struct PairsTask(PairsArgs);
 
 /// Scores images for the concept; `None` when there is no judge.
 enum Judge<B: Backend> {
-    Toy { judge: ConceptJudge<B>, shape: Shape },
+    Toy { judge: Box<ConceptJudge<B>>, shape: Shape },
     Accept,
 }
 
@@ -137,7 +137,7 @@ impl BackendTask for PairsTask {
             Judge::Accept
         } else {
             let shape = parse_shape(&args.judge_shape)?;
-            Judge::Toy { judge: ConceptJudge::load(Path::new(&args.judge), &device)?, shape }
+            Judge::Toy { judge: Box::new(ConceptJudge::load(Path::new(&args.judge), &device)?), shape }
         };
 
         let dir = args.out.join(&args.concept);
