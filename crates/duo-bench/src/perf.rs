@@ -196,6 +196,10 @@ fn sampling_throughput<B: Backend>(
     let ctx = noise.normal::<B, 3>([2, 77, config.cross_attention_dim], device).cast(dtype_of(dtype));
     let mut latents =
         noise.normal::<B, 4>([1, config.in_channels, latent_size, latent_size], device).cast(dtype_of(dtype));
+    // warm-up: initialises the lazy random weights and (on GPUs) compiles and tunes the kernels
+    let pair = Tensor::cat(vec![latents.clone(), latents.clone()], 0);
+    let warm = unet.forward(pair, Tensor::full([2], 999.0, device), ctx.clone());
+    let _ = vae.decode(warm.narrow(0, 0, 1)).into_data();
     let start = Instant::now();
     for i in 0..steps {
         let input = Tensor::cat(vec![latents.clone(), latents.clone()], 0);
