@@ -157,3 +157,67 @@ fn pairs_are_written_in_the_reference_layout_and_resume() {
     let stderr = String::from_utf8_lossy(&output.stderr);
     assert!(!output.status.success() && stderr.contains("expected [b, 3, 32, 32]"), "{stderr}");
 }
+
+/// `--lora FILE:WEIGHT` changes the image; weight 0 gives back the base model's image exactly.
+#[test]
+fn sample_applies_lora_files_with_weights() {
+    use duo_core::lora::{LoraConfig, LoraFormat, attach_lora, save_lora};
+    use duo_core::tensor_file::{TensorFile, write_tensor_file_with_metadata};
+    type B = burn::backend::Flex;
+    let model = root().join("tests/fixtures/models/sd1-tiny");
+    let device = Default::default();
+    // a LoRA with non-zero B, saved in the diffusers/PEFT format
+    let unet = duo_core::ModelFolder::open(&model).unwrap().unet::<B>(&device).unwrap();
+    let cfg = LoraConfig { rank: 2, alpha: 2.0, ..LoraConfig::default() };
+    let unet = attach_lora(unet, &cfg, &device).unwrap();
+    let lora = tmp("lora.safetensors");
+    save_lora(&unet, &lora, LoraFormat::Peft).unwrap();
+    // B is zero at init: fill the saved lora_B weights so the adapters do something
+    let file = TensorFile::read(&lora).unwrap();
+    let tensors: Vec<(String, burn::tensor::TensorData)> = file
+        .names()
+        .map(|k| {
+            let d = file.get(k).unwrap().clone();
+            let d = if k.contains("lora_B") {
+                burn::tensor::TensorData::new(vec![0.5f32; d.num_elements()], d.shape.clone())
+            } else {
+                d
+            };
+            (k.to_string(), d)
+        })
+        .collect();
+    let named: Vec<(&str, burn::tensor::TensorData)> =
+        tensors.iter().map(|(k, d)| (k.as_str(), d.clone())).collect();
+    let key = "lora_adapter_metadata";
+    let metadata = file.metadata(key).map(|v| [(key.to_string(), v.to_string())].into()).unwrap_or_default();
+    write_tensor_file_with_metadata(&lora, &named, metadata).unwrap();
+    let run = |out: &PathBuf, extra: &[String]| {
+        let status = Command::new(env!("CARGO_BIN_EXE_duo-train"))
+            .args([
+                "sample",
+                "--steps",
+                "2",
+                "--prompt",
+                "a red cross",
+                "--seed",
+                "3",
+                "--height",
+                "16",
+                "--width",
+                "16",
+            ])
+            .args(extra)
+            .arg("--model")
+            .arg(&model)
+            .arg("--out")
+            .arg(out)
+            .status()
+            .unwrap();
+        assert!(status.success());
+        std::fs::read(out).unwrap()
+    };
+    let base = run(&tmp("base.png"), &[]);
+    let lora_arg = |w: &str| vec!["--lora".to_string(), format!("{}:{w}", lora.display())];
+    assert_ne!(run(&tmp("lora.png"), &lora_arg("1.0")), base);
+    assert_eq!(run(&tmp("lora0.png"), &lora_arg("0")), base);
+}

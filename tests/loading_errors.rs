@@ -129,3 +129,76 @@ fn unsupported_config_value_is_named() {
     let err = unet_error(&dir);
     assert!(err.contains("resnet_time_scale_shift") && err.contains("scale_shift"), "{err}");
 }
+
+/// Rewrites one weight file of a folder copy: `edit` receives (key, data) pairs and returns the new ones.
+fn rewrite(
+    path: &Path,
+    out: &Path,
+    edit: impl Fn(String, burn::tensor::TensorData) -> Vec<(String, burn::tensor::TensorData)>,
+) {
+    let file = TensorFile::read(path).unwrap();
+    let tensors: Vec<(String, burn::tensor::TensorData)> =
+        file.names().flat_map(|n| edit(n.to_string(), file.get(n).unwrap().clone())).collect();
+    let named: Vec<(&str, burn::tensor::TensorData)> =
+        tensors.iter().map(|(n, d)| (n.as_str(), d.clone())).collect();
+    write_tensor_file(out, &named).unwrap();
+}
+
+fn forward_error(dir: &Path, component: &str, case: &str, variant: Option<&str>) -> f64 {
+    use duo_core::forward::run_forward;
+    let folder = ModelFolder::open(dir).unwrap().with_variant(variant.map(String::from));
+    let fwd = fixtures().join("forward");
+    let inputs = TensorFile::read(&fwd.join(format!("sd1-tiny-{component}{case}.in.safetensors"))).unwrap();
+    let expected =
+        TensorFile::read(&fwd.join(format!("sd1-tiny-{component}{case}.out.safetensors"))).unwrap();
+    let outputs =
+        run_forward::<B>(&folder, component.parse().unwrap(), &inputs, &Default::default()).unwrap();
+    outputs.iter().map(|(k, v)| common::relative_max_error(v, expected.get(k).unwrap())).fold(0.0, f64::max)
+}
+
+/// `--variant fp16` reads `*.fp16.safetensors`, stored in f16 and computed in f32.
+#[test]
+fn fp16_variant_files_load() {
+    let dir = copy_of_tiny("fp16");
+    let unet = dir.join("unet/diffusion_pytorch_model.safetensors");
+    rewrite(&unet, &dir.join("unet/diffusion_pytorch_model.fp16.safetensors"), |k, d| {
+        vec![(k, d.convert_dtype(burn::tensor::DType::F16))]
+    });
+    std::fs::remove_file(&unet).unwrap();
+    let err = forward_error(&dir, "unet", "-int", Some("fp16"));
+    assert!(err < 5e-3, "fp16 weights: relative max error {err}");
+}
+
+/// Text encoders saved without the `text_model.` prefix, or with transformers' `position_ids`
+/// buffer, load to the same outputs.
+#[test]
+fn text_encoder_key_variants_load() {
+    let dir = copy_of_tiny("clip-keys");
+    let file = dir.join("text_encoder/model.safetensors");
+    rewrite(&file.clone(), &file, |k, d| {
+        let mut out = vec![(k.trim_start_matches("text_model.").to_string(), d)];
+        if k == "text_model.embeddings.token_embedding.weight" {
+            let ids: Vec<i64> = (0..77).collect();
+            out.push((
+                "text_model.embeddings.position_ids".into(),
+                burn::tensor::TensorData::new(ids, [1, 77]),
+            ));
+        }
+        out
+    });
+    let err = forward_error(&dir, "text_encoder", "", None);
+    assert!(err < 1e-4, "relative max error {err}");
+}
+
+/// VAE files from before diffusers 0.14 name the mid-block attention `query/key/value/proj_attn`.
+#[test]
+fn legacy_vae_attention_keys_load() {
+    let dir = copy_of_tiny("vae-keys");
+    let file = dir.join("vae/diffusion_pytorch_model.safetensors");
+    rewrite(&file.clone(), &file, |k, d| {
+        let k = k.replace(".to_q.", ".query.").replace(".to_k.", ".key.").replace(".to_v.", ".value.");
+        vec![(k.replace(".to_out.0.", ".proj_attn."), d)]
+    });
+    let err = forward_error(&dir, "vae", "-square", None);
+    assert!(err < 1e-4, "relative max error {err}");
+}

@@ -64,6 +64,9 @@ pub struct PairsArgs {
     pub seed: u64,
     #[arg(long, default_value = "pairs")]
     pub out: PathBuf,
+    /// LoRA weights FILE[:WEIGHT] applied to the UNet; repeatable (their deltas add up).
+    #[arg(long)]
+    pub lora: Vec<String>,
 }
 
 /// One pair as recorded in the manifest.
@@ -123,7 +126,8 @@ impl BackendTask for PairsTask {
         let args = self.0;
         let (unsafe_prompts, safe_prompts) = prompts(&args)?;
         let folder = ModelFolder::open(&args.model)?.with_dtype(dtype);
-        let sd = StableDiffusion::<B>::load(&folder, &device)?;
+        let mut sd = StableDiffusion::<B>::load(&folder, &device)?;
+        sd.unet = duo_core::lora::load_lora_specs(sd.unet, &args.lora)?;
         let kind = match &args.scheduler {
             Some(name) => name.parse()?,
             None => sd

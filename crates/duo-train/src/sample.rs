@@ -67,9 +67,6 @@ pub struct SampleArgs {
 }
 
 pub fn run(args: SampleArgs, device: DeviceChoice, float: FloatType) -> Result<()> {
-    if !args.lora.is_empty() {
-        return Err(DuoError::Invalid("--lora is not yet supported (it lands with the LoRA issue)".into()));
-    }
     dispatch(device, float, SampleTask(args))
 }
 
@@ -80,7 +77,8 @@ impl BackendTask for SampleTask {
     fn run<B: Backend>(self, device: B::Device, dtype: DType) -> Result<()> {
         let args = self.0;
         let folder = ModelFolder::open(&args.model)?.with_variant(args.variant.clone()).with_dtype(dtype);
-        let sd = StableDiffusion::<B>::load(&folder, &device)?;
+        let mut sd = StableDiffusion::<B>::load(&folder, &device)?;
+        sd.unet = duo_core::lora::load_lora_specs(sd.unet, &args.lora)?;
         let kind = match &args.scheduler {
             Some(name) => name.parse::<SchedulerKind>()?,
             None => {

@@ -342,3 +342,22 @@ fn kohya_adapters<B: Backend>(
         })
         .collect()
 }
+
+/// Loads LoRA files given on a command line as `FILE[:WEIGHT]` (weight 1 when absent), summing
+/// their deltas, as `--lora` does everywhere.
+pub fn load_lora_specs<B: Backend>(
+    mut unet: UNet2DConditionModel<B>,
+    specs: &[String],
+) -> Result<UNet2DConditionModel<B>> {
+    for spec in specs {
+        let (file, weight) = match spec.rsplit_once(':') {
+            Some((file, w)) if !file.is_empty() => match w.parse::<f64>() {
+                Ok(weight) => (file, weight),
+                Err(_) => (spec.as_str(), 1.0),
+            },
+            _ => (spec.as_str(), 1.0),
+        };
+        unet = load_lora(unet, Path::new(file), weight)?;
+    }
+    Ok(unet)
+}
