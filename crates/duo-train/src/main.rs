@@ -1,5 +1,9 @@
-//! `duo-train`: sampling, pair generation, the DUO learner and LoRA export.
+//! `duo-train`: sampling, pretraining the toy model, pair generation, the DUO learner and LoRA export.
 
+// serde_json's `json!` recurses once per key: diffusers' UNet config has 50.
+#![recursion_limit = "256"]
+
+mod pretrain;
 mod sample;
 
 use std::process::ExitCode;
@@ -29,6 +33,8 @@ struct Cli {
 enum Command {
     /// Generate images: text-to-image, or image-to-image (SDEdit) with --init-image.
     Sample(sample::SampleArgs),
+    /// Train the embedded toy model from scratch on the toy world and export it as a diffusers folder.
+    Pretrain(pretrain::PretrainArgs),
 }
 
 fn run(cli: Cli) -> Result<()> {
@@ -39,6 +45,7 @@ fn run(cli: Cli) -> Result<()> {
     let float: FloatType = cli.dtype.parse()?;
     match cli.command {
         Command::Sample(args) => sample::run(args, device, float),
+        Command::Pretrain(args) => pretrain::run(args, device, float),
     }
 }
 
