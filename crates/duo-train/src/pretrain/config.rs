@@ -267,7 +267,7 @@ impl PretrainConfig {
             if !(s.lr > 0.0 && s.lr <= 1.0) {
                 return err(format!("{name}.lr={} is not in (0, 1]", s.lr));
             }
-            if !(s.weight_decay >= 0.0) {
+            if s.weight_decay.is_nan() || s.weight_decay < 0.0 {
                 return err(format!("{name}.weight_decay={} is negative", s.weight_decay));
             }
         }
@@ -279,7 +279,7 @@ impl PretrainConfig {
             return err(format!("diffusion_training.caption_dropout={} is not in [0, 1]", d.caption_dropout));
         }
         let v = &self.vae_training;
-        if !(v.kl_weight >= 0.0) {
+        if v.kl_weight.is_nan() || v.kl_weight < 0.0 {
             return err(format!("vae_training.kl_weight={} is negative", v.kl_weight));
         }
         if v.scaling_images == 0 {

@@ -169,11 +169,11 @@ impl<B: Backend> InferenceStep for DiffusionModel<B> {
 }
 
 /// Trains (or resumes, or loads) the text encoder and the UNet on `vae`'s latents. Returns their EMA
-/// weights; None when the run stopped before the last step.
+/// weights (what ships); None when the run stopped before the last step.
 pub fn train<B: AutodiffBackend>(
     run: &Run<B::InnerBackend>,
     vae: AutoencoderKL<B::InnerBackend>,
-) -> Result<Option<(ClipTextModel<B::InnerBackend>, UNet2DConditionModel<B::InnerBackend>)>> {
+) -> Result<Option<EmaWeights<B::InnerBackend>>> {
     let c = &run.config.diffusion_training;
     let schedule = c.schedule();
     let dir = run.dir.join("diffusion");
@@ -236,6 +236,5 @@ pub fn train<B: AutodiffBackend>(
     if !result.complete {
         return Ok(None);
     }
-    let EmaWeights { text_encoder, unet, .. } = result.model.ema;
-    Ok(Some((text_encoder, unet)))
+    Ok(Some(result.model.ema))
 }

@@ -166,11 +166,9 @@ fn train<B: AutodiffBackend>(task: PretrainTask, device: B::Device) -> Result<()
     // 1. VAE
     let Some(vae) = vae::train::<B>(&run)? else { return stopped(&run.dir) };
     // 2. text encoder + UNet
-    let Some((text_encoder, unet)) = diffusion::train::<B>(&run, vae.clone())? else {
-        return stopped(&run.dir);
-    };
+    let Some(ema) = diffusion::train::<B>(&run, vae.clone())? else { return stopped(&run.dir) };
     // 3. export, then look at it
-    export::export(&run.config, Trained { vae: &vae, text_encoder: &text_encoder, unet: &unet })?;
+    export::export(&run.config, Trained { vae: &vae, text_encoder: &ema.text_encoder, unet: &ema.unet })?;
     let size = export::folder_size(&run.config.out)?;
     println!("exported {} ({:.1} MB)", run.config.out.display(), size as f64 / 1e6);
     let png = run.dir.join("samples.png");
