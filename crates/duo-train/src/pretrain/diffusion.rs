@@ -238,3 +238,77 @@ pub fn train<B: AutodiffBackend>(
     }
     Ok(Some(result.model.ema))
 }
+
+#[cfg(test)]
+mod tests {
+    use std::path::PathBuf;
+
+    use burn::backend::{Autodiff, Flex};
+    use burn::module::ModuleMapper;
+    use duo_core::ModelFolder;
+
+    use super::*;
+
+    type B = Autodiff<Flex>;
+
+    /// Adds 1 to every param, as a stand-in for an optimizer step.
+    struct AddOne;
+
+    impl<B: Backend> ModuleMapper<B> for AddOne {
+        fn map_float<const D: usize>(&mut self, param: Param<Tensor<B, D>>) -> Param<Tensor<B, D>> {
+            param.map(|t| t + 1.0)
+        }
+    }
+
+    fn tiny() -> DiffusionModel<B> {
+        let folder = ModelFolder::open(
+            PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../tests/fixtures/models/sd1-tiny"),
+        )
+        .unwrap();
+        let device = Default::default();
+        let unet = folder.unet_layout().unwrap().init(&device);
+        DiffusionModel::new(folder.text_encoder_config().unwrap().init(&device), unet, 0.999)
+    }
+
+    fn first_value<M: Module<B>>(module: &M) -> f32 {
+        let mut all = Collect(Vec::new());
+        module.visit(&mut all);
+        all.0[0].clone().into_data().to_vec::<f32>().unwrap()[0]
+    }
+
+    #[test]
+    fn the_ema_starts_at_the_weights_with_its_own_ids_and_blends_with_the_warmed_up_decay() {
+        let model = tiny();
+        let trained = model.text_encoder.num_params() + model.unet.num_params();
+        assert_eq!(model.num_params(), 2 * trained + 1, "online, EMA and the update counter");
+        let start = first_value(&model.unet);
+        assert_eq!(first_value(&model.ema.unet), start);
+        let (mut online_ids, mut ids) = (Vec::new(), Vec::new());
+        model.text_encoder.visit(&mut IdCollector(&mut online_ids));
+        model.unet.visit(&mut IdCollector(&mut online_ids));
+        model.visit(&mut IdCollector(&mut ids));
+        ids.sort();
+        ids.dedup();
+        assert_eq!(ids.len(), 2 * online_ids.len() + 1, "no param id is shared");
+
+        // After n = 0 updates the decay is min(0.999, 1/10): ema = 0.1·ema + 0.9·online.
+        let DiffusionModel { text_encoder, unet, ema } = model;
+        let model = DiffusionModel { text_encoder, unet: unet.map(&mut AddOne), ema }.update_ema();
+        assert!((first_value(&model.ema.unet) - (start + 0.9)).abs() < 1e-5);
+        assert_eq!(model.ema.updates.val().into_data().to_vec::<f32>().unwrap(), vec![1.0]);
+        // n = 1: d = 2/11.
+        let online = first_value(&model.unet);
+        let before = first_value(&model.ema.unet);
+        let model = model.update_ema();
+        let expected = before * 2.0 / 11.0 + online * 9.0 / 11.0;
+        assert!((first_value(&model.ema.unet) - expected).abs() < 1e-5);
+    }
+
+    struct IdCollector<'a>(&'a mut Vec<ParamId>);
+
+    impl<B: Backend> ModuleVisitor<B> for IdCollector<'_> {
+        fn visit_float<const D: usize>(&mut self, param: &Param<Tensor<B, D>>) {
+            self.0.push(param.id);
+        }
+    }
+}
