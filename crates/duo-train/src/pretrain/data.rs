@@ -138,6 +138,7 @@ pub struct DiffusionBatch<B: Backend> {
 
 /// Builds diffusion batches; the frozen VAE runs on backend `V` (the training backend's inner one,
 /// so encoding records no graph).
+#[derive(Clone)]
 pub struct DiffusionBatcher<V: Backend> {
     pub world: World,
     pub vae: AutoencoderKL<V>,

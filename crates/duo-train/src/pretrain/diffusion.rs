@@ -195,7 +195,7 @@ pub fn train<B: AutodiffBackend>(
         run.configs.unet.init(&run.device),
         c.ema_decay,
     );
-    let resume = latest_checkpoint(&dir).unwrap_or(0);
+    let resume = latest_checkpoint::<B>(&dir).unwrap_or(0);
     let samples = SamplerDataset::new(
         WorldDataset::train(run.world.clone(), c.seed),
         SamplerDatasetOptions::default()
@@ -205,19 +205,10 @@ pub fn train<B: AutodiffBackend>(
     );
     let valid_set =
         WorldDataset::valid(run.world.clone(), c.seed, schedule.valid_batches * schedule.batch_size);
-    let valid = DataLoaderBuilder::<B::InnerBackend, _, _>::new(DiffusionBatcher {
-        world: batcher.world.clone(),
-        vae: batcher.vae.clone(),
-        vae_device: batcher.vae_device.clone(),
-        tokenizer: batcher.tokenizer.clone(),
-        schedule: batcher.schedule.clone(),
-        noise_seed: batcher.noise_seed,
-        caption_dropout: batcher.caption_dropout,
-        latent_shape: batcher.latent_shape,
-    })
-    .batch_size(schedule.batch_size)
-    .set_device(run.device.clone())
-    .build(valid_set);
+    let valid = DataLoaderBuilder::<B::InnerBackend, _, _>::new(batcher.clone())
+        .batch_size(schedule.batch_size)
+        .set_device(run.device.clone())
+        .build(valid_set);
     let train = DataLoaderBuilder::<B, _, _>::new(TrainBatcher::<B>(batcher))
         .batch_size(schedule.batch_size)
         .set_device(run.device.clone())

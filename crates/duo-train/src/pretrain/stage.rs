@@ -230,9 +230,9 @@ impl MetricLogger for ResumedMetricLogger {
 }
 
 /// The newest epoch with all three checkpoint files (model, optimizer, scheduler) in `dir/checkpoint`.
-pub fn latest_checkpoint(dir: &Path) -> Option<usize> {
+pub fn latest_checkpoint<B: Backend>(dir: &Path) -> Option<usize> {
     let checkpoints = dir.join("checkpoint");
-    let extension = <DefaultRecorder as FileRecorder<burn::backend::Flex>>::file_extension();
+    let extension = <DefaultRecorder as FileRecorder<B>>::file_extension();
     let entries = std::fs::read_dir(&checkpoints).ok()?;
     entries
         .filter_map(|e| e.ok()?.file_name().into_string().ok())
@@ -284,7 +284,7 @@ impl Stage<'_> {
     {
         let s = &self.schedule;
         let epochs = s.epochs();
-        let resume = latest_checkpoint(&self.dir);
+        let resume = latest_checkpoint::<B>(&self.dir);
         match resume {
             Some(k) if k >= epochs => {
                 println!("[{}] complete: loading checkpoint {k} (step {})", self.name, k * s.checkpoint_every)
@@ -323,7 +323,7 @@ impl Stage<'_> {
                 training.renderer(LineRenderer::new(self.name, s.checkpoint_every, s.steps, self.log_every));
         }
         let result = training.launch(Learner::new(model, optimizer, WarmupLr::new(s.lr, s.warmup)));
-        let epoch = latest_checkpoint(&self.dir).unwrap_or(0);
+        let epoch = latest_checkpoint::<B>(&self.dir).unwrap_or(0);
         Ok(StageResult { model: result.model, epoch, complete: epoch >= epochs })
     }
 }

@@ -91,7 +91,7 @@ pub fn train<B: AutodiffBackend>(
 
     B::seed(&run.device, c.seed);
     let model = VaeTrainer { vae: run.configs.vae.init::<B>(&run.device), kl_weight: c.kl_weight };
-    let resume = latest_checkpoint(&dir).unwrap_or(0);
+    let resume = latest_checkpoint::<B>(&dir).unwrap_or(0);
     let samples = SamplerDataset::new(
         WorldDataset::train(run.world.clone(), c.seed),
         SamplerDatasetOptions::default()
