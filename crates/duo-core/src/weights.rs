@@ -10,8 +10,8 @@ use std::rc::Rc;
 use burn::module::Module;
 use burn::prelude::*;
 use burn::store::{
-    ApplyError, KeyRemapper, ModuleAdapter, ModuleSnapshot, ModuleStore, PyTorchToBurnAdapter,
-    SafetensorsStore, TensorSnapshot,
+    ApplyError, BurnToPyTorchAdapter, KeyRemapper, ModuleAdapter, ModuleSnapshot, ModuleStore,
+    PyTorchToBurnAdapter, SafetensorsStore, TensorSnapshot,
 };
 use burn::tensor::DType;
 use burn_store::PytorchStore;
@@ -30,6 +30,15 @@ pub const UNET_REMAPS: &[(&str, &str)] = &[
 pub const UNET_LINEAR_PROJECTION_REMAPS: &[(&str, &str)] = &[
     (r"(attentions\.\d+)\.proj_in\.", "$1.proj_in_linear."),
     (r"(attentions\.\d+)\.proj_out\.", "$1.proj_out_linear."),
+];
+
+/// Our field path (regex) → diffusers key, for saving a UNet: the inverse of [`UNET_REMAPS`] and
+/// [`UNET_LINEAR_PROJECTION_REMAPS`].
+pub const UNET_SAVE_REMAPS: &[(&str, &str)] = &[
+    (r"\.ff\.proj_in\.", ".ff.net.0.proj."),
+    (r"\.ff\.proj_out\.", ".ff.net.2."),
+    (r"(attentions\.\d+)\.proj_in_linear\.", "$1.proj_in."),
+    (r"(attentions\.\d+)\.proj_out_linear\.", "$1.proj_out."),
 ];
 
 /// VAE files saved before diffusers 0.14 name the mid-block attention `query/key/value/proj_attn`.
@@ -71,6 +80,26 @@ impl ModuleAdapter for CastAdapter {
     fn clone_box(&self) -> Box<dyn ModuleAdapter> {
         Box::new(self.clone())
     }
+}
+
+/// Serialises `module` as a diffusers/transformers safetensors file: PyTorch layouts (linear weights
+/// `[d_out, d_in]`), keys renamed by `remaps` (our path → file key), floats stored as `dtype`, and
+/// the `format: pt` metadata transformers requires (it refuses burn-store's default "safetensors").
+/// Returns the file's bytes; the caller writes them (atomically).
+pub fn safetensors_bytes<B: Backend, M: Module<B>>(
+    module: &M,
+    remaps: &[(&str, &str)],
+    dtype: DType,
+) -> Result<Vec<u8>> {
+    let remapper = KeyRemapper::from_patterns(remaps.to_vec())
+        .map_err(|e| DuoError::Invalid(format!("bad key remap pattern: {e}")))?;
+    let mut store = SafetensorsStore::from_bytes(None)
+        .with_to_adapter(BurnToPyTorchAdapter.chain(CastAdapter(dtype)))
+        .remap(remapper)
+        .clear_metadata()
+        .metadata("format", "pt");
+    module.save_into(&mut store).map_err(|e| DuoError::Invalid(format!("serialising weights: {e}")))?;
+    store.get_bytes().map_err(|e| DuoError::Invalid(format!("serialising weights: {e}")))
 }
 
 /// Every tensor of a weight file: safetensors, or a PyTorch pickle (`.bin`, `.pt`, `.pth`).

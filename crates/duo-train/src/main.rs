@@ -1,6 +1,10 @@
-//! `duo-train`: sampling, pair generation, the DUO learner and LoRA export.
+//! `duo-train`: sampling, pretraining the toy model, pair generation, the DUO learner and LoRA export.
+
+// serde_json's `json!` recurses once per key: diffusers' UNet config has 50.
+#![recursion_limit = "256"]
 
 mod pairs;
+mod pretrain;
 mod sample;
 
 use std::process::ExitCode;
@@ -32,6 +36,8 @@ enum Command {
     Sample(sample::SampleArgs),
     /// Make SDEdit preference pairs (unsafe image, safe twin) for DUO, filtered by a concept judge.
     Pairs(pairs::PairsArgs),
+    /// Train the embedded toy model from scratch on the toy world and export it as a diffusers folder.
+    Pretrain(pretrain::PretrainArgs),
 }
 
 fn run(cli: Cli) -> Result<()> {
@@ -43,6 +49,7 @@ fn run(cli: Cli) -> Result<()> {
     match cli.command {
         Command::Sample(args) => sample::run(args, device, float),
         Command::Pairs(args) => pairs::run(args, device, float),
+        Command::Pretrain(args) => pretrain::run(args, device, float),
     }
 }
 

@@ -1,0 +1,391 @@
+//! The pretraining config: a TOML file (`configs/toy-pretrain.toml`) read into serde structs.
+//!
+//! Every key is required and unknown keys are errors (`deny_unknown_fields`), so the file is the one
+//! place a run's settings live. `--set section.key=value` overrides a key after reading; the key must
+//! exist and the value keep its type. The effective config is written into the run directory, and
+//! `--resume` reads it back from there.
+
+use std::path::{Path, PathBuf};
+
+use duo_core::world::WorldConfig;
+use duo_core::{DuoError, Result};
+use serde::{Deserialize, Serialize};
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PretrainConfig {
+    /// The exported model folder (diffusers layout).
+    pub out: PathBuf,
+    /// The CLIP tokenizer folder copied into the model: the real SD vocabulary (49,408 tokens).
+    pub tokenizer: PathBuf,
+    pub world: WorldSection,
+    pub vae: VaeSizes,
+    pub text_encoder: TextEncoderSizes,
+    pub unet: UNetSizes,
+    pub vae_training: VaeTraining,
+    pub diffusion_training: DiffusionTraining,
+    pub samples: SampleGrid,
+}
+
+/// `duo_core::world::WorldConfig`, key for key.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct WorldSection {
+    pub resolution: usize,
+    pub size: f32,
+    pub size_jitter: f32,
+    pub shift: f32,
+}
+
+impl WorldSection {
+    pub fn world_config(&self) -> WorldConfig {
+        WorldConfig {
+            resolution: self.resolution,
+            size: self.size,
+            size_jitter: self.size_jitter,
+            shift: self.shift,
+        }
+    }
+}
+
+/// The sizes of `vae/config.json` (an `AutoencoderKL` of `DownEncoderBlock2D`/`UpDecoderBlock2D`).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct VaeSizes {
+    /// One entry per block; the image shrinks by 2^(blocks − 1).
+    pub block_out_channels: Vec<usize>,
+    pub layers_per_block: usize,
+    pub norm_num_groups: usize,
+    pub latent_channels: usize,
+}
+
+/// The sizes of `text_encoder/config.json` (a `CLIPTextModel`).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TextEncoderSizes {
+    pub hidden_size: usize,
+    pub intermediate_size: usize,
+    pub num_hidden_layers: usize,
+    pub num_attention_heads: usize,
+}
+
+/// The sizes of `unet/config.json` (a `UNet2DConditionModel` with cross-attention at every level).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct UNetSizes {
+    pub block_out_channels: Vec<usize>,
+    pub layers_per_block: usize,
+    /// The head count, as diffusers' legacy key means it.
+    pub attention_head_dim: usize,
+    pub norm_num_groups: usize,
+}
+
+/// What every stage's loop needs.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Schedule {
+    pub steps: usize,
+    pub batch_size: usize,
+    pub lr: f64,
+    pub weight_decay: f64,
+    pub warmup: usize,
+    pub checkpoint_every: usize,
+    pub valid_batches: usize,
+    pub seed: u64,
+}
+
+impl Schedule {
+    /// burn-train's epochs are our checkpoint intervals.
+    pub fn epochs(&self) -> usize {
+        self.steps / self.checkpoint_every
+    }
+}
+
+/// Stage 1: the VAE alone, on pixels.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct VaeTraining {
+    pub steps: usize,
+    pub batch_size: usize,
+    pub lr: f64,
+    pub weight_decay: f64,
+    /// Steps of linear learning-rate warm-up.
+    pub warmup: usize,
+    /// Steps between checkpoints (one burn-train epoch); `steps` must be a multiple.
+    pub checkpoint_every: usize,
+    /// Batches of the fixed validation set, run at every checkpoint.
+    pub valid_batches: usize,
+    pub seed: u64,
+    /// Weight of the KL term against the per-pixel MSE.
+    pub kl_weight: f64,
+    /// Images whose latents set `scaling_factor` = 1/std.
+    pub scaling_images: usize,
+}
+
+/// Stage 2: the text encoder and the UNet together, on the frozen VAE's latents.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DiffusionTraining {
+    pub steps: usize,
+    pub batch_size: usize,
+    pub lr: f64,
+    pub weight_decay: f64,
+    pub warmup: usize,
+    pub checkpoint_every: usize,
+    pub valid_batches: usize,
+    pub seed: u64,
+    /// Decay of the weights' exponential moving average, which is what ships (0 ships the raw weights).
+    pub ema_decay: f64,
+    /// Fraction of captions replaced by "" so classifier-free guidance has an unconditional model.
+    pub caption_dropout: f64,
+}
+
+/// The PNG grid written after export: one row per shape, one column per seed.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SampleGrid {
+    pub seeds: usize,
+    /// DDIM steps.
+    pub steps: usize,
+    pub guidance: f64,
+}
+
+impl VaeTraining {
+    pub fn schedule(&self) -> Schedule {
+        Schedule {
+            steps: self.steps,
+            batch_size: self.batch_size,
+            lr: self.lr,
+            weight_decay: self.weight_decay,
+            warmup: self.warmup,
+            checkpoint_every: self.checkpoint_every,
+            valid_batches: self.valid_batches,
+            seed: self.seed,
+        }
+    }
+}
+
+impl DiffusionTraining {
+    pub fn schedule(&self) -> Schedule {
+        Schedule {
+            steps: self.steps,
+            batch_size: self.batch_size,
+            lr: self.lr,
+            weight_decay: self.weight_decay,
+            warmup: self.warmup,
+            checkpoint_every: self.checkpoint_every,
+            valid_batches: self.valid_batches,
+            seed: self.seed,
+        }
+    }
+}
+
+/// Sections that fix the model and its data: `--resume` refuses to change them, as would the
+/// checkpoints (their shapes) and the step count (the checkpoint interval).
+const FROZEN_ON_RESUME: &[&str] = &[
+    "tokenizer",
+    "world",
+    "vae",
+    "text_encoder",
+    "unet",
+    "vae_training.checkpoint_every",
+    "diffusion_training.checkpoint_every",
+];
+
+impl PretrainConfig {
+    /// Reads `path`, applies `sets` (`section.key=value`) and checks the values.
+    pub fn load(path: &Path, sets: &[String]) -> Result<Self> {
+        let text = duo_core::error::read_to_string(path)?;
+        // Deserialising the text first reports an unknown or missing key with its line in the file.
+        let config: Self = toml::from_str(&text).map_err(|e| DuoError::config(path, e.to_string()))?;
+        let config = config.with_overrides(sets, path)?;
+        config.check(path)?;
+        Ok(config)
+    }
+
+    /// The config with `sets` applied; `source` names the file in errors.
+    fn with_overrides(self, sets: &[String], source: &Path) -> Result<Self> {
+        if sets.is_empty() {
+            return Ok(self);
+        }
+        let mut table = self.to_table()?;
+        for set in sets {
+            apply_set(&mut table, set)?;
+        }
+        toml::Value::Table(table)
+            .try_into()
+            .map_err(|e| DuoError::config(source, format!("after --set: {e}")))
+    }
+
+    /// For `--resume`: the saved config plus `sets`, refusing changes to what the checkpoints fix.
+    pub fn resumed(saved: &Path, sets: &[String]) -> Result<Self> {
+        let original = Self::load(saved, &[])?;
+        let updated = original.clone().with_overrides(sets, saved)?;
+        let (before, after) = (original.to_table()?, updated.to_table()?);
+        for key in FROZEN_ON_RESUME {
+            if lookup(&before, key) != lookup(&after, key) {
+                return Err(DuoError::Invalid(format!(
+                    "--set cannot change `{key}` when resuming: the checkpoints in {} were made with {}",
+                    saved.parent().unwrap_or(saved).display(),
+                    lookup(&before, key).map(|v| v.to_string()).unwrap_or_default()
+                )));
+            }
+        }
+        updated.check(saved)?;
+        Ok(updated)
+    }
+
+    fn to_table(&self) -> Result<toml::Table> {
+        toml::Table::try_from(self).map_err(|e| DuoError::Invalid(format!("config to TOML: {e}")))
+    }
+
+    /// The effective config as TOML, as written into the run directory.
+    pub fn to_toml(&self) -> Result<String> {
+        toml::to_string(self).map_err(|e| DuoError::Invalid(format!("config to TOML: {e}")))
+    }
+
+    /// Value checks beyond the types; the model sizes are checked when their diffusers configs are
+    /// built (`export::model_configs`).
+    fn check(&self, path: &Path) -> Result<()> {
+        let err = |m: String| Err(DuoError::config(path, m));
+        self.world.world_config().validate().map_err(|e| DuoError::config(path, e.to_string()))?;
+        for (name, s) in [
+            ("vae_training", self.vae_training.schedule()),
+            ("diffusion_training", self.diffusion_training.schedule()),
+        ] {
+            if s.steps == 0 || s.batch_size == 0 || s.checkpoint_every == 0 || s.valid_batches == 0 {
+                return err(format!(
+                    "{name}: steps, batch_size, checkpoint_every and valid_batches must be positive"
+                ));
+            }
+            if !s.steps.is_multiple_of(s.checkpoint_every) {
+                return err(format!(
+                    "{name}.steps={} is not a multiple of {name}.checkpoint_every={} (checkpoints are burn-train epochs)",
+                    s.steps, s.checkpoint_every
+                ));
+            }
+            // burn's AdamW and our warm-up take the rate in (0, 1].
+            if !(s.lr > 0.0 && s.lr <= 1.0) {
+                return err(format!("{name}.lr={} is not in (0, 1]", s.lr));
+            }
+            if s.weight_decay.is_nan() || s.weight_decay < 0.0 {
+                return err(format!("{name}.weight_decay={} is negative", s.weight_decay));
+            }
+        }
+        let d = &self.diffusion_training;
+        if !(0.0..1.0).contains(&d.ema_decay) {
+            return err(format!("diffusion_training.ema_decay={} is not in [0, 1)", d.ema_decay));
+        }
+        if !(0.0..=1.0).contains(&d.caption_dropout) {
+            return err(format!("diffusion_training.caption_dropout={} is not in [0, 1]", d.caption_dropout));
+        }
+        let v = &self.vae_training;
+        if v.kl_weight.is_nan() || v.kl_weight < 0.0 {
+            return err(format!("vae_training.kl_weight={} is negative", v.kl_weight));
+        }
+        if v.scaling_images == 0 {
+            return err("vae_training.scaling_images must be positive".into());
+        }
+        if self.samples.seeds == 0 || self.samples.steps == 0 {
+            return err("samples.seeds and samples.steps must be positive".into());
+        }
+        Ok(())
+    }
+}
+
+/// `a.b.c` in a TOML table.
+fn lookup<'a>(table: &'a toml::Table, key: &str) -> Option<&'a toml::Value> {
+    let mut parts = key.split('.');
+    let mut value = table.get(parts.next()?)?;
+    for part in parts {
+        value = value.as_table()?.get(part)?;
+    }
+    Some(value)
+}
+
+/// Applies one `section.key=value`: the key must exist, the value keeps the key's type. The value is
+/// read as TOML (`3e-4`, `[64, 128]`, `true`); where the key holds a string, the raw text is taken.
+fn apply_set(table: &mut toml::Table, set: &str) -> Result<()> {
+    let bad = |m: String| DuoError::Invalid(format!("--set {set}: {m}"));
+    let (key, raw) = set.split_once('=').ok_or_else(|| bad("expected section.key=value".into()))?;
+    let key = key.trim();
+    let mut parts: Vec<&str> = key.split('.').collect();
+    let last = parts.pop().filter(|k| !k.is_empty()).ok_or_else(|| bad("empty key".into()))?;
+    let mut current = table;
+    let mut prefix = String::new();
+    for part in parts {
+        prefix = if prefix.is_empty() { part.to_string() } else { format!("{prefix}.{part}") };
+        current = match current.get_mut(part) {
+            Some(toml::Value::Table(inner)) => inner,
+            Some(_) => return Err(bad(format!("`{prefix}` is a value, not a section"))),
+            None => return Err(bad(format!("unknown key `{key}`: there is no section `{prefix}`"))),
+        };
+    }
+    let Some(old) = current.get(last) else {
+        let known: Vec<&str> = current.keys().map(String::as_str).collect();
+        let section = if prefix.is_empty() { "the top level".to_string() } else { format!("[{prefix}]") };
+        return Err(bad(format!("unknown key `{key}`; {section} has: {}", known.join(", "))));
+    };
+    let new = match old {
+        toml::Value::String(_) => toml::Value::String(raw.to_string()),
+        _ => {
+            let parsed = toml::from_str::<toml::Table>(&format!("v = {raw}"))
+                .ok()
+                .and_then(|mut t| t.remove("v"))
+                .ok_or_else(|| bad(format!("`{raw}` is not a TOML value")))?;
+            match (old, parsed) {
+                (toml::Value::Float(_), toml::Value::Integer(i)) => toml::Value::Float(i as f64),
+                (old, new) if old.same_type(&new) => new,
+                (old, new) => {
+                    return Err(bad(format!(
+                        "`{key}` takes a value of type {}, but `{raw}` is of type {}",
+                        old.type_str(),
+                        new.type_str()
+                    )));
+                }
+            }
+        }
+    };
+    current.insert(last.to_string(), new);
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn shipped() -> PathBuf {
+        PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../configs/toy-pretrain.toml")
+    }
+
+    #[test]
+    fn the_shipped_config_loads_and_round_trips() {
+        let config = PretrainConfig::load(&shipped(), &[]).unwrap();
+        let again: PretrainConfig = toml::from_str(&config.to_toml().unwrap()).unwrap();
+        assert_eq!(config, again);
+    }
+
+    #[test]
+    fn set_overrides_keys_and_keeps_types() {
+        let sets = [
+            "diffusion_training.lr=3e-4".to_string(),
+            "unet.block_out_channels=[8, 16]".to_string(),
+            "vae_training.kl_weight=0".to_string(),
+            "out=/tmp/x".to_string(),
+        ];
+        let config = PretrainConfig::load(&shipped(), &sets).unwrap();
+        assert_eq!(config.diffusion_training.lr, 3e-4);
+        assert_eq!(config.unet.block_out_channels, vec![8, 16]);
+        assert_eq!(config.vae_training.kl_weight, 0.0);
+        assert_eq!(config.out, PathBuf::from("/tmp/x"));
+    }
+
+    #[test]
+    fn set_errors_name_the_key() {
+        let err = |set: &str| PretrainConfig::load(&shipped(), &[set.to_string()]).unwrap_err().to_string();
+        assert!(err("unet.nope=1").contains("unknown key `unet.nope`"), "{}", err("unet.nope=1"));
+        assert!(err("nope.steps=1").contains("no section `nope`"));
+        assert!(err("unet.layers_per_block=abc").contains("`abc` is not a TOML value"));
+        assert!(err("unet.layers_per_block=1.5").contains("type integer, but `1.5` is of type float"));
+        assert!(err("diffusion_training.steps=7").contains("not a multiple"));
+    }
+}

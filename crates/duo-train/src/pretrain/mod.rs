@@ -1,0 +1,196 @@
+//! `duo-train pretrain`: trains the embedded toy text-to-image model from scratch on the toy world and
+//! exports it as a diffusers folder (`models/toy`).
+//!
+//! 1. The VAE (32×32×3 → 8×8×4) alone, then its `scaling_factor` (`vae.rs`).
+//! 2. The CLIP text encoder and the UNet together on the frozen VAE's latents, with an EMA (`diffusion.rs`).
+//! 3. Export of the EMA weights (f16) and the configs, then a sample grid from the exported folder
+//!    through our own pipeline (`export.rs`).
+//!
+//! A run lives in a directory (`runs/pretrain-<UTC time>` by default) holding the effective config,
+//! each stage's burn-train directory (checkpoints, metric logs) and `experiment.log`. `--resume DIR`
+//! continues it from the latest checkpoints; a finished stage is loaded, not retrained.
+
+mod config;
+mod data;
+mod diffusion;
+mod export;
+mod renderer;
+mod stage;
+mod vae;
+
+use std::path::{Path, PathBuf};
+
+use burn::backend::Autodiff;
+use burn::module::Module;
+use burn::prelude::*;
+use burn::tensor::DType;
+use burn::tensor::backend::AutodiffBackend;
+use burn::train::{ApplicationLoggerInstaller, FileApplicationLoggerInstaller};
+use clap::Args;
+use duo_core::device::{BackendTask, DeviceChoice, FloatType, dispatch};
+use duo_core::world::World;
+use duo_core::{DuoError, Result};
+
+use config::PretrainConfig;
+use export::{ModelConfigs, Trained};
+use stage::StopControl;
+
+#[derive(Args, Debug)]
+pub struct PretrainArgs {
+    /// The run's TOML config.
+    #[arg(long, default_value = "configs/toy-pretrain.toml", conflicts_with = "resume")]
+    config: PathBuf,
+    /// Override a config key: section.key=value (repeatable), e.g. diffusion_training.steps=500.
+    #[arg(long = "set", value_name = "KEY=VALUE")]
+    set: Vec<String>,
+    /// The exported model folder (the config's `out`).
+    #[arg(long)]
+    out: Option<PathBuf>,
+    /// The run directory (default: runs/pretrain-<UTC time>).
+    #[arg(long, conflicts_with = "resume")]
+    run_dir: Option<PathBuf>,
+    /// Continue the run in this directory from its latest checkpoints, with its saved config
+    /// (plus --set, except for the keys that fix the model).
+    #[arg(long, value_name = "RUN_DIR")]
+    resume: Option<PathBuf>,
+    /// Without a terminal, print the metrics every this many steps.
+    #[arg(long, default_value_t = 50)]
+    log_every: usize,
+}
+
+/// What both stages read.
+pub struct Run<V: Backend> {
+    pub config: PretrainConfig,
+    pub configs: ModelConfigs,
+    pub world: World,
+    pub dir: PathBuf,
+    pub device: V::Device,
+    pub control: StopControl,
+    pub log_every: usize,
+}
+
+/// The training sampler's seed: a resumed run draws new sample indices rather than replaying the
+/// first interval's (the loader's position is not checkpointed).
+pub fn sampler_seed(seed: u64, resumed_epoch: usize) -> u64 {
+    seed.wrapping_add((resumed_epoch as u64).wrapping_mul(0x9e37_79b9_7f4a_7c15))
+}
+
+pub fn run(args: PretrainArgs, device: DeviceChoice, float: FloatType) -> Result<()> {
+    if float != FloatType::F32 {
+        return Err(DuoError::Invalid(
+            "pretrain trains in f32 (Burn 0.21 has no mixed precision); drop --dtype".into(),
+        ));
+    }
+    let mut sets = args.set.clone();
+    if let Some(out) = &args.out {
+        sets.push(format!("out={}", out.display()));
+    }
+    let (config, dir) = match &args.resume {
+        Some(dir) => (PretrainConfig::resumed(&dir.join("config.toml"), &sets)?, dir.clone()),
+        None => {
+            let config = PretrainConfig::load(&args.config, &sets)?;
+            let dir = args.run_dir.clone().unwrap_or_else(default_run_dir);
+            if dir.join("config.toml").exists() {
+                return Err(DuoError::Invalid(format!(
+                    "{} already holds a run: continue it with --resume {0}, or pick another --run-dir",
+                    dir.display()
+                )));
+            }
+            (config, dir)
+        }
+    };
+    std::fs::create_dir_all(&dir).map_err(|e| DuoError::io(&dir, e))?;
+    duo_core::fsutil::write_atomic(&dir.join("config.toml"), config.to_toml()?.as_bytes())?;
+    // One log for both stages: burn-train would install one per launch and refuse the second.
+    FileApplicationLoggerInstaller::new(dir.join("experiment.log"))
+        .install()
+        .map_err(|e| DuoError::Invalid(format!("{}: {e}", dir.join("experiment.log").display())))?;
+    println!("run directory: {}", dir.display());
+    let task = PretrainTask { config, dir, log_every: args.log_every };
+    dispatch(device, float, task)
+}
+
+/// `runs/pretrain-YYYYMMDD-HHMMSS` (UTC).
+fn default_run_dir() -> PathBuf {
+    let secs = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or_default();
+    let (days, rest) = (secs / 86_400, secs % 86_400);
+    // Civil date from days since 1970-01-01 (Howard Hinnant's `civil_from_days`).
+    let z = days as i64 + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z - era * 146_097;
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let day = doy - (153 * mp + 2) / 5 + 1;
+    let month = if mp < 10 { mp + 3 } else { mp - 9 };
+    let year = yoe + era * 400 + i64::from(month <= 2);
+    PathBuf::from("runs").join(format!(
+        "pretrain-{year:04}{month:02}{day:02}-{:02}{:02}{:02}",
+        rest / 3600,
+        rest % 3600 / 60,
+        rest % 60
+    ))
+}
+
+struct PretrainTask {
+    config: PretrainConfig,
+    dir: PathBuf,
+    log_every: usize,
+}
+
+impl BackendTask for PretrainTask {
+    type Output = ();
+
+    fn run<B: Backend>(self, device: B::Device, _dtype: DType) -> Result<()> {
+        train::<Autodiff<B>>(self, device)
+    }
+}
+
+fn train<B: AutodiffBackend>(task: PretrainTask, device: B::Device) -> Result<()> {
+    let PretrainTask { config, dir, log_every } = task;
+    let configs = ModelConfigs::write(&config, &dir.join("model-configs"))?;
+    let run = Run::<B::InnerBackend> {
+        world: World::new(config.world.world_config())?,
+        configs,
+        config,
+        dir,
+        device,
+        control: StopControl::install()?,
+        log_every,
+    };
+    describe_sizes(&run);
+
+    // 1. VAE
+    let Some(vae) = vae::train::<B>(&run)? else { return stopped(&run.dir) };
+    // 2. text encoder + UNet
+    let Some(ema) = diffusion::train::<B>(&run, vae.clone())? else { return stopped(&run.dir) };
+    // 3. export, then look at it
+    export::export(&run.config, Trained { vae: &vae, text_encoder: &ema.text_encoder, unet: &ema.unet })?;
+    let size = export::folder_size(&run.config.out)?;
+    println!("exported {} ({:.1} MB)", run.config.out.display(), size as f64 / 1e6);
+    let png = run.dir.join("samples.png");
+    export::sample_grid::<B::InnerBackend>(&run.config, &run.device, &png)?;
+    println!("wrote {} (rows: shapes, columns: seeds)", png.display());
+    Ok(())
+}
+
+fn stopped(dir: &Path) -> Result<()> {
+    println!("stopped at the last checkpoint; continue with: duo-train pretrain --resume {}", dir.display());
+    Ok(())
+}
+
+/// Parameter counts of the three networks, as built from the configs.
+fn describe_sizes<V: Backend>(run: &Run<V>) {
+    let c = &run.configs;
+    let counts = [
+        ("vae", c.vae.init::<V>(&run.device).num_params()),
+        ("text_encoder", c.text_encoder.init::<V>(&run.device).num_params()),
+        ("unet", c.unet.init::<V>(&run.device).num_params()),
+    ];
+    let parts: Vec<String> =
+        counts.iter().map(|(name, n)| format!("{name} {:.2} M", *n as f64 / 1e6)).collect();
+    println!("parameters: {}", parts.join(", "));
+}

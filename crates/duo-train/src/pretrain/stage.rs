@@ -1,0 +1,329 @@
+//! What both stages share: one burn-train launch per stage (`Learner::new` + `SupervisedTraining`,
+//! burn-0.21-notes.md §2.2–2.6), its metrics, learning-rate warm-up, checkpoints and clean stops.
+//!
+//! burn-train's epochs are our checkpoint intervals: the training set is a `SamplerDataset` of
+//! `checkpoint_every × batch_size` world samples (§2.3), and checkpoint `k` holds the state after
+//! `k × checkpoint_every` steps. `--resume` passes the latest `k` to `.checkpoint(k)`.
+
+use std::fmt::Display;
+use std::io::IsTerminal;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+
+use burn::data::dataloader::DataLoader;
+use burn::lr_scheduler::LrScheduler;
+use burn::module::AutodiffModule;
+use burn::optim::AdamWConfig;
+use burn::prelude::*;
+use burn::record::{DefaultRecorder, FileRecorder};
+use burn::tensor::Transaction;
+use burn::tensor::backend::AutodiffBackend;
+use burn::train::checkpoint::KeepLastNCheckpoints;
+use burn::train::logger::{FileMetricLogger, MetricLogger};
+use burn::train::metric::MetricDefinition;
+use burn::train::metric::state::{FormatOptions, NumericMetricState};
+use burn::train::metric::store::{EpochSummary, EventStoreClient, MetricsUpdate, Split};
+use burn::train::metric::{
+    Adaptor, IterationSpeedMetric, LearningRateMetric, Metric, MetricAttributes, MetricMetadata, MetricName,
+    Numeric, NumericAttributes, NumericEntry, SerializedEntry,
+};
+use burn::train::{
+    EarlyStoppingStrategy, InferenceStep, Interrupter, ItemLazy, Learner, SupervisedTraining, TrainStep,
+};
+use duo_core::{DuoError, Result};
+
+use super::config::Schedule;
+use super::renderer::LineRenderer;
+
+/// The scalar outputs of one step, named; synced to [`Losses`] off the training thread.
+pub struct StepOutput<B: Backend> {
+    pub batch_size: usize,
+    pub scalars: Vec<(&'static str, Tensor<B, 1>)>,
+}
+
+/// A step's scalars as numbers: what every metric reads.
+#[derive(Debug, Clone)]
+pub struct Losses {
+    pub batch_size: usize,
+    pub values: Vec<(&'static str, f64)>,
+}
+
+impl<B: Backend> ItemLazy for StepOutput<B> {
+    type ItemSync = Losses;
+
+    fn sync(self) -> Losses {
+        let names: Vec<&'static str> = self.scalars.iter().map(|(name, _)| *name).collect();
+        let transaction = self.scalars.into_iter().fold(Transaction::default(), |t, (_, x)| t.register(x));
+        let values = transaction
+            .execute()
+            .into_iter()
+            .zip(names)
+            .map(|(data, name)| (name, data.iter::<f64>().next().unwrap_or(f64::NAN)))
+            .collect();
+        Losses { batch_size: self.batch_size, values }
+    }
+}
+
+impl Adaptor<Losses> for Losses {
+    fn adapt(&self) -> Losses {
+        self.clone()
+    }
+}
+
+/// One named scalar of [`Losses`] as a numeric metric (logged to `<stage>/{train,valid}/epoch-N/<name>.log`).
+#[derive(Clone)]
+pub struct ScalarMetric {
+    name: MetricName,
+    state: NumericMetricState,
+}
+
+impl ScalarMetric {
+    pub fn new(name: &'static str) -> Self {
+        Self { name: Arc::new(name.to_string()), state: NumericMetricState::new() }
+    }
+}
+
+impl Metric for ScalarMetric {
+    type Input = Losses;
+
+    fn name(&self) -> MetricName {
+        self.name.clone()
+    }
+
+    fn attributes(&self) -> MetricAttributes {
+        NumericAttributes { unit: None, higher_is_better: false }.into()
+    }
+
+    fn update(&mut self, item: &Losses, _metadata: &MetricMetadata) -> SerializedEntry {
+        let value = item.values.iter().find(|(name, _)| **name == *self.name).map_or(f64::NAN, |(_, v)| *v);
+        self.state.update(value, item.batch_size, FormatOptions::new(self.name()).precision(5))
+    }
+
+    fn clear(&mut self) {
+        self.state.reset()
+    }
+}
+
+impl Numeric for ScalarMetric {
+    fn value(&self) -> NumericEntry {
+        self.state.current_value()
+    }
+
+    fn running_value(&self) -> NumericEntry {
+        self.state.running_value()
+    }
+}
+
+/// Linear warm-up to `lr` over `warmup` steps, then constant. burn calls `step` once per batch,
+/// before it (§2.3), so the first step trains at `lr / warmup`. The record is the step count.
+#[derive(Debug, Clone)]
+pub struct WarmupLr {
+    lr: f64,
+    warmup: usize,
+    step: usize,
+}
+
+impl WarmupLr {
+    pub fn new(lr: f64, warmup: usize) -> Self {
+        Self { lr, warmup, step: 0 }
+    }
+}
+
+impl LrScheduler for WarmupLr {
+    type Record<B: Backend> = usize;
+
+    fn step(&mut self) -> f64 {
+        self.step += 1;
+        if self.step >= self.warmup { self.lr } else { self.lr * self.step as f64 / self.warmup as f64 }
+    }
+
+    fn to_record<B: Backend>(&self) -> usize {
+        self.step
+    }
+
+    fn load_record<B: Backend>(mut self, record: usize) -> Self {
+        self.step = record;
+        self
+    }
+}
+
+/// How a run stops early. The first Ctrl-C (SIGINT) asks to stop after the next checkpoint, so
+/// nothing is lost; a second, or a SIGTERM, stops at once, losing the steps since the last checkpoint;
+/// a third signal exits. The TUI has its own stop (`q` then `s`): it puts the terminal in raw mode,
+/// where Ctrl-C sends no signal.
+#[derive(Clone)]
+pub struct StopControl {
+    at_checkpoint: Arc<AtomicBool>,
+    interrupter: Interrupter,
+}
+
+impl StopControl {
+    /// Installs the signal handlers (once per process).
+    pub fn install() -> Result<Self> {
+        use signal_hook::consts::{SIGINT, SIGTERM};
+        let control =
+            Self { at_checkpoint: Arc::new(AtomicBool::new(false)), interrupter: Interrupter::new() };
+        let mut signals = signal_hook::iterator::Signals::new([SIGINT, SIGTERM])
+            .map_err(|e| DuoError::Invalid(format!("installing the Ctrl-C handler: {e}")))?;
+        let (at_checkpoint, interrupter) = (control.at_checkpoint.clone(), control.interrupter.clone());
+        std::thread::spawn(move || {
+            for (count, signal) in signals.forever().enumerate() {
+                if count >= 2 {
+                    std::process::exit(130);
+                }
+                if count == 0 && signal == SIGINT {
+                    at_checkpoint.store(true, Ordering::SeqCst);
+                    eprintln!(
+                        "stopping at the next checkpoint (Ctrl-C again to stop now, losing the steps since the last one)"
+                    );
+                } else {
+                    interrupter.stop(Some("stopped by a signal"));
+                    eprintln!("stopping now, at the last checkpoint (Ctrl-C again to exit at once)");
+                }
+            }
+        });
+        Ok(control)
+    }
+}
+
+/// burn-train's early stopping, checked right after each epoch's checkpoint: the hook that stops a
+/// run cleanly on a checkpoint.
+#[derive(Clone)]
+struct StopAtCheckpoint(Arc<AtomicBool>);
+
+impl EarlyStoppingStrategy for StopAtCheckpoint {
+    fn should_stop(&mut self, _epoch: usize, _store: &EventStoreClient) -> bool {
+        self.0.load(Ordering::SeqCst)
+    }
+}
+
+/// burn-train's file metric logger, with the epoch fixed on resume: burn-train 0.21's event store
+/// numbers the first epoch of every launch 1 (its counter only follows the epochs that end), so a
+/// resumed run would append its first interval's metrics to `epoch-1/`.
+struct ResumedMetricLogger {
+    inner: FileMetricLogger,
+    first_epoch: usize,
+}
+
+impl MetricLogger for ResumedMetricLogger {
+    fn log(&mut self, update: MetricsUpdate, epoch: usize, split: &Split) {
+        self.inner.log(update, epoch.max(self.first_epoch), split)
+    }
+
+    fn read_numeric(
+        &mut self,
+        name: &str,
+        epoch: usize,
+        split: &Split,
+    ) -> std::result::Result<Vec<NumericEntry>, String> {
+        self.inner.read_numeric(name, epoch.max(self.first_epoch), split)
+    }
+
+    fn log_metric_definition(&mut self, definition: MetricDefinition) {
+        self.inner.log_metric_definition(definition)
+    }
+
+    fn log_epoch_summary(&mut self, summary: EpochSummary) {
+        self.inner.log_epoch_summary(summary)
+    }
+}
+
+/// The newest epoch with all three checkpoint files (model, optimizer, scheduler) in `dir/checkpoint`.
+pub fn latest_checkpoint<B: Backend>(dir: &Path) -> Option<usize> {
+    let checkpoints = dir.join("checkpoint");
+    let extension = <DefaultRecorder as FileRecorder<B>>::file_extension();
+    let entries = std::fs::read_dir(&checkpoints).ok()?;
+    entries
+        .filter_map(|e| e.ok()?.file_name().into_string().ok())
+        .filter_map(|name| name.strip_prefix("model-")?.strip_suffix(&format!(".{extension}"))?.parse().ok())
+        .filter(|epoch: &usize| {
+            ["optim", "scheduler"]
+                .iter()
+                .all(|kind| checkpoints.join(format!("{kind}-{epoch}.{extension}")).is_file())
+        })
+        .max()
+}
+
+/// One stage's launch settings.
+pub struct Stage<'a> {
+    pub name: &'static str,
+    /// burn-train's directory: `checkpoint/`, `train/`, `valid/`.
+    pub dir: PathBuf,
+    pub schedule: Schedule,
+    /// Plain-text lines every this many steps.
+    pub log_every: usize,
+    pub control: &'a StopControl,
+    /// Scalars of the training steps' [`StepOutput`] shown as metrics (the first is the loss).
+    pub train_scalars: &'static [&'static str],
+    /// Scalars of the validation steps' [`StepOutput`].
+    pub valid_scalars: &'static [&'static str],
+}
+
+/// How a stage ended.
+pub struct StageResult<M> {
+    pub model: M,
+    /// The last checkpoint's epoch.
+    pub epoch: usize,
+    /// Whether that is the last epoch (false: stopped early, by a signal or the TUI).
+    pub complete: bool,
+}
+
+impl Stage<'_> {
+    /// Trains `model` from the latest checkpoint in `dir` (or from scratch), to `schedule.steps`.
+    pub fn run<B, M>(
+        &self,
+        model: M,
+        train: Arc<dyn DataLoader<B, M::Input>>,
+        valid: Arc<dyn DataLoader<B::InnerBackend, <M::InnerModule as InferenceStep>::Input>>,
+    ) -> Result<StageResult<M::InnerModule>>
+    where
+        B: AutodiffBackend,
+        M: TrainStep<Output = StepOutput<B>> + AutodiffModule<B> + Display + 'static,
+        M::InnerModule: InferenceStep<Output = StepOutput<B::InnerBackend>>,
+    {
+        let s = &self.schedule;
+        let epochs = s.epochs();
+        let resume = latest_checkpoint::<B>(&self.dir);
+        match resume {
+            Some(k) if k >= epochs => {
+                println!("[{}] complete: loading checkpoint {k} (step {})", self.name, k * s.checkpoint_every)
+            }
+            Some(k) => println!("[{}] resuming after step {}", self.name, k * s.checkpoint_every),
+            None => println!("[{}] training {} steps of {} samples", self.name, s.steps, s.batch_size),
+        }
+        let optimizer =
+            AdamWConfig::new().with_weight_decay(s.weight_decay as f32).with_epsilon(1e-8).init::<B, M>();
+        let mut training = SupervisedTraining::new(&self.dir, train, valid)
+            .with_file_checkpointer(DefaultRecorder::new())
+            .with_checkpointing_strategy(KeepLastNCheckpoints::new(2))
+            .num_epochs(epochs)
+            .with_interrupter(self.control.interrupter.clone())
+            .early_stopping(StopAtCheckpoint(self.control.at_checkpoint.clone()))
+            // The run installs one experiment log for both stages (`pretrain::run`).
+            .with_application_logger(None)
+            .with_metric_logger(ResumedMetricLogger {
+                inner: FileMetricLogger::new(&self.dir),
+                first_epoch: resume.unwrap_or(0) + 1,
+            })
+            .metric_train_numeric(LearningRateMetric::new())
+            .metric_train_numeric(IterationSpeedMetric::new());
+        for name in self.train_scalars {
+            training = training.metric_train_numeric(ScalarMetric::new(name));
+        }
+        for name in self.valid_scalars {
+            training = training.metric_valid_numeric(ScalarMetric::new(name));
+        }
+        if let Some(k) = resume {
+            training = training.checkpoint(k);
+        }
+        // The TUI when a person watches; lines with the metrics otherwise (§2.5).
+        if !std::io::stdout().is_terminal() {
+            training =
+                training.renderer(LineRenderer::new(self.name, s.checkpoint_every, s.steps, self.log_every));
+        }
+        let result = training.launch(Learner::new(model, optimizer, WarmupLr::new(s.lr, s.warmup)));
+        let epoch = latest_checkpoint::<B>(&self.dir).unwrap_or(0);
+        Ok(StageResult { model: result.model, epoch, complete: epoch >= epochs })
+    }
+}
