@@ -207,7 +207,7 @@ fn ctrl_c_stops_on_a_checkpoint_and_resume_finishes() {
 }
 
 #[test]
-fn unknown_config_keys_are_errors_naming_them() {
+fn bad_configs_are_errors_naming_the_key() {
     let dir = scratch("keys");
     let output = pretrain(&dir.join("run"), &dir.join("toy"), &["unet.dropout=0.1"]).output().unwrap();
     assert!(!output.status.success());
@@ -229,6 +229,16 @@ fn unknown_config_keys_are_errors_naming_them() {
     let stderr = String::from_utf8_lossy(&output.stderr);
     assert!(stderr.contains("extra.toml") && stderr.contains("unknown field `layers`"), "{stderr}");
     assert!(!dir.join("run2").exists(), "nothing is written for a bad config");
+
+    // Sizes are checked by diffusers' own rules, naming the config file and key, before a run exists.
+    let output = pretrain(&dir.join("run3"), &dir.join("toy"), &["unet.norm_num_groups=3"]).output().unwrap();
+    assert!(!output.status.success());
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(
+        stderr.contains("unet/config.json") && stderr.contains("norm_num_groups=3 does not divide"),
+        "{stderr}"
+    );
+    assert!(!dir.join("run3").exists(), "no run directory is left for bad sizes");
     std::fs::remove_dir_all(&dir).unwrap();
 }
 

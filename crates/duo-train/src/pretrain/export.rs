@@ -44,7 +44,8 @@ pub struct ModelConfigs {
 }
 
 impl ModelConfigs {
-    /// Writes the configs of `config`'s sizes into `dir` and parses them back.
+    /// Writes the configs of `config`'s sizes into `dir` and parses them back. The VAE's
+    /// `scaling_factor` is 1 here: stage 1 measures it, and the export writes the measured one.
     pub fn write(config: &PretrainConfig, dir: &Path) -> Result<Self> {
         let files = [
             ("vae/config.json", vae_json(config, 1.0)),

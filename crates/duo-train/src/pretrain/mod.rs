@@ -99,14 +99,21 @@ pub fn run(args: PretrainArgs, device: DeviceChoice, float: FloatType) -> Result
             (config, dir)
         }
     };
-    std::fs::create_dir_all(&dir).map_err(|e| DuoError::io(&dir, e))?;
+    // The model sizes are checked by building their diffusers configs; a new run directory is only
+    // kept when they pass.
+    let fresh = !dir.exists();
+    let configs = ModelConfigs::write(&config, &dir.join("model-configs")).inspect_err(|_| {
+        if fresh {
+            let _ = std::fs::remove_dir_all(&dir);
+        }
+    })?;
     duo_core::fsutil::write_atomic(&dir.join("config.toml"), config.to_toml()?.as_bytes())?;
     // One log for both stages: burn-train would install one per launch and refuse the second.
     FileApplicationLoggerInstaller::new(dir.join("experiment.log"))
         .install()
         .map_err(|e| DuoError::Invalid(format!("{}: {e}", dir.join("experiment.log").display())))?;
     println!("run directory: {}", dir.display());
-    let task = PretrainTask { config, dir, log_every: args.log_every };
+    let task = PretrainTask { config, configs, dir, log_every: args.log_every };
     dispatch(device, float, task)
 }
 
@@ -137,6 +144,7 @@ fn default_run_dir() -> PathBuf {
 
 struct PretrainTask {
     config: PretrainConfig,
+    configs: ModelConfigs,
     dir: PathBuf,
     log_every: usize,
 }
@@ -150,8 +158,7 @@ impl BackendTask for PretrainTask {
 }
 
 fn train<B: AutodiffBackend>(task: PretrainTask, device: B::Device) -> Result<()> {
-    let PretrainTask { config, dir, log_every } = task;
-    let configs = ModelConfigs::write(&config, &dir.join("model-configs"))?;
+    let PretrainTask { config, configs, dir, log_every } = task;
     let run = Run::<B::InnerBackend> {
         world: World::new(config.world.world_config())?,
         configs,
