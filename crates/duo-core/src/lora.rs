@@ -307,3 +307,35 @@ fn add_adapter<B: Backend>(linear: &mut Linear<B>, a: Tensor<B, 2>, b: Tensor<B,
         }
     });
 }
+
+/// Takes every adapter out of the UNet, with its path. The DUO learner keeps them apart from the
+/// frozen base so that its module record, hence its checkpoints, holds the adapters alone.
+pub fn take_lora_adapters<B: Backend>(
+    mut unet: UNet2DConditionModel<B>,
+) -> (UNet2DConditionModel<B>, Vec<(String, LoraAdapter<B>)>) {
+    let adapters = linears_mut(&mut unet)
+        .into_iter()
+        .filter_map(|(path, linear)| Some((path, linear.lora.take()?)))
+        .collect();
+    (unet, adapters)
+}
+
+/// Puts adapters (clones: their params share tensors and ids with the originals) into the linear
+/// layers at their paths, replacing any there. The inverse of [`take_lora_adapters`].
+pub fn put_lora_adapters<'a, B: Backend>(
+    mut unet: UNet2DConditionModel<B>,
+    adapters: impl IntoIterator<Item = (&'a str, &'a LoraAdapter<B>)>,
+) -> Result<UNet2DConditionModel<B>> {
+    let mut by_path: std::collections::HashMap<&str, &LoraAdapter<B>> = adapters.into_iter().collect();
+    for (path, linear) in linears_mut(&mut unet) {
+        if let Some(adapter) = by_path.remove(path.as_str()) {
+            linear.lora = Some(adapter.clone());
+        }
+    }
+    match by_path.keys().next() {
+        Some(path) => {
+            Err(DuoError::Invalid(format!("the UNet has no linear layer `{path}` for a LoRA adapter")))
+        }
+        None => Ok(unet),
+    }
+}

@@ -3,9 +3,13 @@
 // serde_json's `json!` recurses once per key: diffusers' UNet config has 50.
 #![recursion_limit = "256"]
 
+mod learning;
 mod pairs;
 mod pretrain;
 mod sample;
+mod train;
+
+use std::path::PathBuf;
 
 use std::process::ExitCode;
 
@@ -38,6 +42,8 @@ enum Command {
     Pairs(pairs::PairsArgs),
     /// Train the embedded toy model from scratch on the toy world and export it as a diffusers folder.
     Pretrain(pretrain::PretrainArgs),
+    /// Train a DUO LoRA on a pair folder (the learner: DPO on the pairs + output preservation).
+    Train(train::TrainArgs),
 }
 
 fn run(cli: Cli) -> Result<()> {
@@ -50,7 +56,33 @@ fn run(cli: Cli) -> Result<()> {
         Command::Sample(args) => sample::run(args, device, float),
         Command::Pairs(args) => pairs::run(args, device, float),
         Command::Pretrain(args) => pretrain::run(args, device, float),
+        Command::Train(args) => train::run(args, device, float).map(|_| ()),
     }
+}
+
+/// `runs/<kind>-YYYYMMDD-HHMMSS` (UTC).
+pub fn run_dir_name(kind: &str) -> PathBuf {
+    let secs = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or_default();
+    let (days, rest) = (secs / 86_400, secs % 86_400);
+    // Civil date from days since 1970-01-01 (Howard Hinnant's `civil_from_days`).
+    let z = days as i64 + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z - era * 146_097;
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let day = doy - (153 * mp + 2) / 5 + 1;
+    let month = if mp < 10 { mp + 3 } else { mp - 9 };
+    let year = yoe + era * 400 + i64::from(month <= 2);
+    PathBuf::from("runs").join(format!(
+        "{kind}-{year:04}{month:02}{day:02}-{:02}{:02}{:02}",
+        rest / 3600,
+        rest % 3600 / 60,
+        rest % 60
+    ))
 }
 
 fn main() -> ExitCode {

@@ -8,6 +8,8 @@
 use std::path::{Path, PathBuf};
 
 use duo_core::world::WorldConfig;
+
+use crate::learning::Schedule;
 use duo_core::{DuoError, Result};
 use serde::{Deserialize, Serialize};
 
@@ -81,25 +83,6 @@ pub struct UNetSizes {
 }
 
 /// What every stage's loop needs.
-#[derive(Debug, Clone, Copy, PartialEq)]
-pub struct Schedule {
-    pub steps: usize,
-    pub batch_size: usize,
-    pub lr: f64,
-    pub weight_decay: f64,
-    pub warmup: usize,
-    pub checkpoint_every: usize,
-    pub valid_batches: usize,
-    pub seed: u64,
-}
-
-impl Schedule {
-    /// burn-train's epochs are our checkpoint intervals.
-    pub fn epochs(&self) -> usize {
-        self.steps / self.checkpoint_every
-    }
-}
-
 /// Stage 1: the VAE alone, on pixels.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -159,7 +142,7 @@ impl VaeTraining {
             warmup: self.warmup,
             checkpoint_every: self.checkpoint_every,
             valid_batches: self.valid_batches,
-            seed: self.seed,
+            grad_accumulation: 1,
         }
     }
 }
@@ -174,7 +157,7 @@ impl DiffusionTraining {
             warmup: self.warmup,
             checkpoint_every: self.checkpoint_every,
             valid_batches: self.valid_batches,
-            seed: self.seed,
+            grad_accumulation: 1,
         }
     }
 }

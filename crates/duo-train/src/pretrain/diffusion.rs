@@ -17,8 +17,8 @@ use duo_core::schedulers::NoiseSchedule;
 use duo_core::tokenizer::ClipTokenizer;
 
 use super::data::{DiffusionBatch, DiffusionBatcher, TrainBatcher, WorldDataset};
-use super::stage::{Stage, StepOutput, latest_checkpoint};
 use super::{Run, sampler_seed};
+use crate::learning::{Stage, StepOutput, latest_checkpoint};
 
 /// The EMA of the trained weights. Its params have their own ids and never require a gradient, so
 /// the optimizer leaves them alone; they are in the model's record, so checkpoints keep them.

@@ -14,8 +14,6 @@ mod config;
 mod data;
 mod diffusion;
 mod export;
-mod renderer;
-mod stage;
 mod vae;
 
 use std::path::{Path, PathBuf};
@@ -31,9 +29,9 @@ use duo_core::device::{BackendTask, DeviceChoice, FloatType, dispatch};
 use duo_core::world::World;
 use duo_core::{DuoError, Result};
 
+use crate::learning::StopControl;
 use config::PretrainConfig;
 use export::{ModelConfigs, Trained};
-use stage::StopControl;
 
 #[derive(Args, Debug)]
 pub struct PretrainArgs {
@@ -89,7 +87,7 @@ pub fn run(args: PretrainArgs, device: DeviceChoice, float: FloatType) -> Result
         Some(dir) => (PretrainConfig::resumed(&dir.join("config.toml"), &sets)?, dir.clone()),
         None => {
             let config = PretrainConfig::load(&args.config, &sets)?;
-            let dir = args.run_dir.clone().unwrap_or_else(default_run_dir);
+            let dir = args.run_dir.clone().unwrap_or_else(|| crate::run_dir_name("pretrain"));
             if dir.join("config.toml").exists() {
                 return Err(DuoError::Invalid(format!(
                     "{} already holds a run: continue it with --resume {0}, or pick another --run-dir",
@@ -115,31 +113,6 @@ pub fn run(args: PretrainArgs, device: DeviceChoice, float: FloatType) -> Result
     println!("run directory: {}", dir.display());
     let task = PretrainTask { config, configs, dir, log_every: args.log_every };
     dispatch(device, float, task)
-}
-
-/// `runs/pretrain-YYYYMMDD-HHMMSS` (UTC).
-fn default_run_dir() -> PathBuf {
-    let secs = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_secs())
-        .unwrap_or_default();
-    let (days, rest) = (secs / 86_400, secs % 86_400);
-    // Civil date from days since 1970-01-01 (Howard Hinnant's `civil_from_days`).
-    let z = days as i64 + 719_468;
-    let era = z.div_euclid(146_097);
-    let doe = z - era * 146_097;
-    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
-    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
-    let mp = (5 * doy + 2) / 153;
-    let day = doy - (153 * mp + 2) / 5 + 1;
-    let month = if mp < 10 { mp + 3 } else { mp - 9 };
-    let year = yoe + era * 400 + i64::from(month <= 2);
-    PathBuf::from("runs").join(format!(
-        "pretrain-{year:04}{month:02}{day:02}-{:02}{:02}{:02}",
-        rest / 3600,
-        rest % 3600 / 60,
-        rest % 60
-    ))
 }
 
 struct PretrainTask {

@@ -13,8 +13,8 @@ use duo_core::{DuoError, Result};
 use serde::{Deserialize, Serialize};
 
 use super::data::{VaeBatch, VaeBatcher, WorldDataset};
-use super::stage::{Stage, StepOutput, latest_checkpoint};
 use super::{Run, sampler_seed};
+use crate::learning::{Stage, StepOutput, latest_checkpoint};
 
 /// The VAE with its loss, as burn-train's model.
 #[derive(Module, Debug)]

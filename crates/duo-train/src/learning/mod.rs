@@ -1,9 +1,12 @@
-//! What both stages share: one burn-train launch per stage (`Learner::new` + `SupervisedTraining`,
-//! burn-0.21-notes.md §2.2–2.6), its metrics, learning-rate warm-up, checkpoints and clean stops.
+//! What every training run shares (pretraining's two stages, the DUO learner): one burn-train launch
+//! (`Learner::new` + `SupervisedTraining`, burn-0.21-notes.md §2.2–2.6), its metrics, learning-rate
+//! warm-up, checkpoints and clean stops.
 //!
-//! burn-train's epochs are our checkpoint intervals: the training set is a `SamplerDataset` of
-//! `checkpoint_every × batch_size` world samples (§2.3), and checkpoint `k` holds the state after
-//! `k × checkpoint_every` steps. `--resume` passes the latest `k` to `.checkpoint(k)`.
+//! burn-train's epochs are our checkpoint intervals: an epoch's loader yields
+//! `checkpoint_every × grad_accumulation` batches (§2.3), and checkpoint `k` holds the state after
+//! `k × checkpoint_every` optimizer steps. `--resume` passes the latest `k` to `.checkpoint(k)`.
+
+pub mod renderer;
 
 use std::fmt::Display;
 use std::io::IsTerminal;
@@ -33,8 +36,29 @@ use burn::train::{
 };
 use duo_core::{DuoError, Result};
 
-use super::config::Schedule;
-use super::renderer::LineRenderer;
+use renderer::LineRenderer;
+
+/// How long and how a run trains.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Schedule {
+    /// Optimizer steps.
+    pub steps: usize,
+    pub batch_size: usize,
+    pub lr: f64,
+    pub weight_decay: f64,
+    pub warmup: usize,
+    pub checkpoint_every: usize,
+    pub valid_batches: usize,
+    /// Batches whose gradients are summed into one optimizer step.
+    pub grad_accumulation: usize,
+}
+
+impl Schedule {
+    /// burn-train's epochs are our checkpoint intervals.
+    pub fn epochs(&self) -> usize {
+        self.steps / self.checkpoint_every
+    }
+}
 
 /// The scalar outputs of one step, named; synced to [`Losses`] off the training thread.
 pub struct StepOutput<B: Backend> {
@@ -187,6 +211,13 @@ impl StopControl {
     }
 }
 
+impl StopControl {
+    /// The interrupter the run checks after every batch (also for stops other than signals).
+    pub fn interrupter(&self) -> Interrupter {
+        self.interrupter.clone()
+    }
+}
+
 /// burn-train's early stopping, checked right after each epoch's checkpoint: the hook that stops a
 /// run cleanly on a checkpoint.
 #[derive(Clone)]
@@ -314,13 +345,15 @@ impl Stage<'_> {
         for name in self.valid_scalars {
             training = training.metric_valid_numeric(ScalarMetric::new(name));
         }
+        if s.grad_accumulation > 1 {
+            training = training.grads_accumulation(s.grad_accumulation);
+        }
         if let Some(k) = resume {
             training = training.checkpoint(k);
         }
         // The TUI when a person watches; lines with the metrics otherwise (§2.5).
         if !std::io::stdout().is_terminal() {
-            training =
-                training.renderer(LineRenderer::new(self.name, s.checkpoint_every, s.steps, self.log_every));
+            training = training.renderer(LineRenderer::new(self.name, *s, self.log_every));
         }
         let result = training.launch(Learner::new(model, optimizer, WarmupLr::new(s.lr, s.warmup)));
         let epoch = latest_checkpoint::<B>(&self.dir).unwrap_or(0);

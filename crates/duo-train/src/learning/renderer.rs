@@ -6,6 +6,8 @@ use std::collections::{BTreeMap, HashMap};
 use std::io::Write;
 
 use burn::train::metric::MetricDefinition;
+
+use super::Schedule;
 use burn::train::metric::MetricId;
 use burn::train::renderer::{
     EvaluationName, EvaluationProgress, MetricState, MetricsRenderer, MetricsRendererEvaluation,
@@ -36,14 +38,15 @@ fn format_metric(name: &str, value: f64) -> String {
     match name {
         "Learning Rate" => format!("lr {value:.2e}"),
         "Iteration Speed" => format!("{value:.2} it/s"),
+        // DUO's prior loss and gaps live around 1e-6 at first: fixed decimals would show zeros
+        _ if value != 0.0 && value.abs() < 1e-3 => format!("{name} {value:.3e}"),
         _ => format!("{name} {value:.5}"),
     }
 }
 
 pub struct LineRenderer {
     stage: &'static str,
-    steps_per_epoch: usize,
-    total_steps: usize,
+    schedule: Schedule,
     every: usize,
     names: HashMap<MetricId, String>,
     train: Window,
@@ -53,11 +56,10 @@ pub struct LineRenderer {
 }
 
 impl LineRenderer {
-    pub fn new(stage: &'static str, steps_per_epoch: usize, total_steps: usize, every: usize) -> Self {
+    pub fn new(stage: &'static str, schedule: Schedule, every: usize) -> Self {
         Self {
             stage,
-            steps_per_epoch,
-            total_steps,
+            schedule,
             every: every.max(1),
             names: HashMap::new(),
             train: Window::default(),
@@ -92,11 +94,17 @@ impl MetricsRendererTraining for LineRenderer {
     }
 
     fn render_train(&mut self, item: TrainingProgress, _indicators: Vec<ProgressType>) {
+        // burn-train counts batches; a step is `grad_accumulation` of them.
+        let s = &self.schedule;
+        let batch = item.iteration.unwrap_or(0);
+        if !batch.is_multiple_of(s.grad_accumulation) {
+            return;
+        }
         let epoch = item.global_progress.items_processed;
-        let step = (epoch.saturating_sub(1)) * self.steps_per_epoch + item.iteration.unwrap_or(0);
+        let step = epoch.saturating_sub(1) * s.checkpoint_every + batch / s.grad_accumulation;
         self.step = step;
-        if step.is_multiple_of(self.every) || step == self.total_steps {
-            print_line(format!("[{}] step {step}/{}  {}", self.stage, self.total_steps, self.train.drain()));
+        if step.is_multiple_of(self.every) || step == s.steps {
+            print_line(format!("[{}] step {step}/{}  {}", self.stage, s.steps, self.train.drain()));
         }
     }
 

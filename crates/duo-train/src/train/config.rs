@@ -1,0 +1,296 @@
+//! A DUO run's config: a TOML file in `configs/` read with the `config` crate, every key overridable
+//! from the command line (`--set duo.beta=250`). Unknown keys, in the file or in a `--set`, are
+//! errors that name the key. The effective config is written into the run directory, and `--resume`
+//! reads it back from there.
+
+use std::path::{Path, PathBuf};
+
+use config::{Config, File, FileFormat, Value, ValueKind};
+use duo_core::lora::{LoraConfig, LoraTargets};
+use duo_core::objective::{Objective, effective_lambda, effective_lr};
+use duo_core::{DuoError, Result};
+use serde::{Deserialize, Serialize};
+
+use crate::learning::Schedule;
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DuoConfig {
+    /// The diffusers folder whose UNet gets the LoRA.
+    pub model: PathBuf,
+    /// The concept's name: pairs live in `<pairs.dir>/<concept>/{unsafe,safe}`.
+    pub concept: String,
+    pub pairs: PairsSection,
+    pub lora: LoraSection,
+    pub duo: DuoSection,
+    pub training: TrainingSection,
+    pub eval: EvalSection,
+}
+
+/// How `duo-train unlearn` (and `duo-train pairs --config`) makes the SDEdit pairs, and where
+/// `duo-train train` reads them.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PairsSection {
+    pub dir: PathBuf,
+    /// Number of pairs; the prompt lists are cycled over them.
+    pub count: usize,
+    pub unsafe_prompts: Vec<String>,
+    /// One per unsafe prompt.
+    pub safe_prompts: Vec<String>,
+    /// SDEdit strength of the safe twin.
+    pub strength: f64,
+    pub steps: usize,
+    pub guidance: f64,
+    /// pndm, ddim, euler, dpm-solver, or "default" (the folder's scheduler).
+    pub scheduler: String,
+    /// A toy concept judge folder, or "none" (accept every image).
+    pub judge: String,
+    pub judge_shape: String,
+    pub threshold: f32,
+    pub max_tries: usize,
+    pub seed: u64,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LoraSection {
+    pub rank: usize,
+    pub alpha: f64,
+    /// `self-attn`, `all-attn`, or a regex over diffusers module paths.
+    pub targets: String,
+    pub seed: u64,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DuoSection {
+    /// `duo`, or `diffusion-dpo` (shared t, −½β) for ablations.
+    pub objective: String,
+    pub beta: f64,
+    pub base_lr: f64,
+    pub base_lambda: f64,
+    /// The authors' coupling: lr = base_lr·100/β, λ = base_λ·β/100. Off: both as given.
+    pub beta_coupling: bool,
+    /// Timesteps of the pair branches, uniform integers in [t_min, t_max).
+    pub t_min: usize,
+    pub t_max: usize,
+    /// The output-preservation branch: pure noise at this timestep.
+    pub prior_timestep: usize,
+    /// The conditioning prompt of all three branches ("" in the published runs).
+    pub prompt: String,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TrainingSection {
+    /// Optimizer steps.
+    pub steps: usize,
+    /// Pairs per batch.
+    pub batch_size: usize,
+    /// Batches per optimizer step (their losses are averaged, as accelerate does).
+    pub grad_accumulation: usize,
+    /// Global gradient-norm clipping (PyTorch's `clip_grad_norm_`).
+    pub max_grad_norm: f64,
+    pub weight_decay: f64,
+    /// Steps between checkpoints (LoRA + optimizer state); `steps` must be a multiple.
+    pub checkpoint_every: usize,
+    /// Pairs of the fixed validation batch, run at every checkpoint.
+    pub valid_pairs: usize,
+    pub seed: u64,
+}
+
+/// The before/after evaluation of `duo-train unlearn`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct EvalSection {
+    /// Images per prompt (the same seeds for the base and the unlearned model).
+    pub seeds: usize,
+    pub steps: usize,
+    pub guidance: f64,
+    pub scheduler: String,
+}
+
+/// Keys that fix what the checkpoints hold: `--resume` refuses to change them.
+const FROZEN_ON_RESUME: &[&str] = &[
+    "model",
+    "concept",
+    "pairs.dir",
+    "lora.",
+    "training.checkpoint_every",
+    "training.batch_size",
+    "training.grad_accumulation",
+    "training.seed",
+];
+
+impl DuoConfig {
+    /// Reads `path`, applies `sets` (`key=value`, the key dotted: `duo.beta=250`) and checks the values.
+    pub fn load(path: &Path, sets: &[String]) -> Result<Self> {
+        if !path.is_file() {
+            return Err(DuoError::config(path, "no such config file".to_string()));
+        }
+        let mut builder =
+            Config::builder().add_source(File::from(path).format(FileFormat::Toml).required(true));
+        for set in sets {
+            let (key, value) = parse_set(set)?;
+            builder = builder
+                .set_override(key.as_str(), value)
+                .map_err(|e| DuoError::config(path, format!("--set {set}: {e}")))?;
+        }
+        let config = builder.build().map_err(|e| DuoError::config(path, e.to_string()))?;
+        let config: Self = config.try_deserialize().map_err(|e| DuoError::config(path, e.to_string()))?;
+        config.validate().map_err(|message| DuoError::config(path, message))?;
+        Ok(config)
+    }
+
+    /// The config saved in a run directory, with `sets` that do not touch the frozen keys.
+    pub fn resumed(path: &Path, sets: &[String]) -> Result<Self> {
+        for set in sets {
+            let key = set.split_once('=').map_or(set.as_str(), |(k, _)| k.trim());
+            if FROZEN_ON_RESUME.iter().any(|f| key == *f || (f.ends_with('.') && key.starts_with(f))) {
+                return Err(DuoError::Invalid(format!(
+                    "--set {key}: cannot change it when resuming (the checkpoints depend on it)"
+                )));
+            }
+        }
+        Self::load(path, sets)
+    }
+
+    pub fn to_toml(&self) -> Result<String> {
+        toml::to_string(self).map_err(|e| DuoError::Invalid(format!("serialising the config: {e}")))
+    }
+
+    /// Where `train` reads the pairs and `unlearn` writes them.
+    pub fn pair_dir(&self) -> PathBuf {
+        self.pairs.dir.join(&self.concept)
+    }
+
+    pub fn objective(&self) -> Objective {
+        match self.duo.objective.as_str() {
+            "diffusion-dpo" => Objective::DiffusionDpo,
+            _ => Objective::Duo,
+        }
+    }
+
+    pub fn lr(&self) -> f64 {
+        effective_lr(self.duo.base_lr, self.duo.beta, self.duo.beta_coupling)
+    }
+
+    pub fn lambda(&self) -> f64 {
+        if self.duo.beta_coupling {
+            effective_lambda(self.duo.base_lambda, self.duo.beta)
+        } else {
+            self.duo.base_lambda
+        }
+    }
+
+    pub fn lora_config(&self) -> Result<LoraConfig> {
+        Ok(LoraConfig {
+            rank: self.lora.rank,
+            alpha: self.lora.alpha,
+            targets: self.lora.targets.parse::<LoraTargets>()?,
+            seed: self.lora.seed,
+        })
+    }
+
+    pub fn schedule(&self) -> Schedule {
+        let t = &self.training;
+        Schedule {
+            steps: t.steps,
+            batch_size: t.batch_size,
+            lr: self.lr(),
+            weight_decay: t.weight_decay,
+            warmup: 0,
+            checkpoint_every: t.checkpoint_every,
+            valid_batches: 1,
+            grad_accumulation: t.grad_accumulation,
+        }
+    }
+
+    fn validate(&self) -> std::result::Result<(), String> {
+        let (d, t, p) = (&self.duo, &self.training, &self.pairs);
+        if !matches!(d.objective.as_str(), "duo" | "diffusion-dpo") {
+            return Err(format!("duo.objective = {:?}: expected \"duo\" or \"diffusion-dpo\"", d.objective));
+        }
+        for (key, value) in [("duo.beta", d.beta), ("duo.base_lr", d.base_lr)] {
+            if !(value.is_finite() && value > 0.0) {
+                return Err(format!("{key} = {value}: must be positive"));
+            }
+        }
+        if !(d.base_lambda.is_finite() && d.base_lambda >= 0.0) {
+            return Err(format!("duo.base_lambda = {}: must be ≥ 0", d.base_lambda));
+        }
+        if d.t_min >= d.t_max {
+            return Err(format!("duo.t_min = {} must be below duo.t_max = {}", d.t_min, d.t_max));
+        }
+        for (key, value) in [
+            ("training.steps", t.steps),
+            ("training.batch_size", t.batch_size),
+            ("training.grad_accumulation", t.grad_accumulation),
+            ("training.checkpoint_every", t.checkpoint_every),
+            ("training.valid_pairs", t.valid_pairs),
+            ("pairs.count", p.count),
+            ("pairs.steps", p.steps),
+            ("pairs.max_tries", p.max_tries),
+            ("lora.rank", self.lora.rank),
+            ("eval.seeds", self.eval.seeds),
+            ("eval.steps", self.eval.steps),
+        ] {
+            if value == 0 {
+                return Err(format!("{key} must be at least 1"));
+            }
+        }
+        if !t.steps.is_multiple_of(t.checkpoint_every) {
+            return Err(format!(
+                "training.steps = {} is not a multiple of training.checkpoint_every = {} (checkpoints are burn-train epochs)",
+                t.steps, t.checkpoint_every
+            ));
+        }
+        if !(t.max_grad_norm > 0.0) {
+            return Err(format!("training.max_grad_norm = {}: must be positive", t.max_grad_norm));
+        }
+        if p.unsafe_prompts.is_empty() {
+            return Err("pairs.unsafe_prompts is empty: give at least one unsafe prompt".into());
+        }
+        if p.unsafe_prompts.len() != p.safe_prompts.len() {
+            return Err(format!(
+                "pairs.unsafe_prompts has {} prompts but pairs.safe_prompts has {}: one safe prompt per unsafe one",
+                p.unsafe_prompts.len(),
+                p.safe_prompts.len()
+            ));
+        }
+        if !(p.strength > 0.0 && p.strength <= 1.0) {
+            return Err(format!("pairs.strength = {}: must be in (0, 1]", p.strength));
+        }
+        self.lora.targets.parse::<LoraTargets>().map_err(|e| format!("lora.targets: {e}"))?;
+        Ok(())
+    }
+}
+
+/// `key=value`, the value read as a TOML value (`250`, `1e-4`, `true`, `"text"`, `["a", "b"]`), or
+/// as a plain string when it is not one (`prompt=a red cross`).
+fn parse_set(set: &str) -> Result<(String, Value)> {
+    let Some((key, value)) = set.split_once('=') else {
+        return Err(DuoError::Invalid(format!("--set {set}: expected KEY=VALUE, e.g. duo.beta=250")));
+    };
+    let value = value.trim();
+    let parsed = toml::from_str::<toml::Table>(&format!("v = {value}"))
+        .ok()
+        .and_then(|mut table| table.remove("v"))
+        .and_then(from_toml);
+    Ok((key.trim().to_string(), parsed.unwrap_or_else(|| Value::new(None, ValueKind::String(value.into())))))
+}
+
+fn from_toml(value: toml::Value) -> Option<Value> {
+    let kind = match value {
+        toml::Value::String(s) => ValueKind::String(s),
+        toml::Value::Integer(i) => ValueKind::I64(i),
+        toml::Value::Float(f) => ValueKind::Float(f),
+        toml::Value::Boolean(b) => ValueKind::Boolean(b),
+        toml::Value::Array(items) => {
+            ValueKind::Array(items.into_iter().map(from_toml).collect::<Option<_>>()?)
+        }
+        toml::Value::Datetime(_) | toml::Value::Table(_) => return None,
+    };
+    Some(Value::new(None, kind))
+}

@@ -1,0 +1,356 @@
+//! What the DUO step eats: the pairs' latents (encoded once and cached), the conditioning embedding,
+//! and batches drawn from them with their noise and timesteps.
+//!
+//! Every random draw of batch `g` (the g-th batch of the run) comes from a generator seeded by
+//! (`seed`, `g`), and the pair order is a fresh permutation per pass over the pairs. So a resumed
+//! run sees exactly the batches the uninterrupted run would have seen.
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+
+use burn::data::dataloader::{DataLoader, DataLoaderIterator, Progress};
+use burn::prelude::*;
+use duo_core::models::AutoencoderKL;
+use duo_core::objective::Objective;
+use duo_core::pipelines::{NoiseSource, load_image};
+use duo_core::schedulers::NoiseSchedule;
+use duo_core::tensor_file::{TensorFile, write_tensor_file_with_metadata};
+use duo_core::world::rng_for;
+use duo_core::{DuoError, Result};
+use rand::Rng;
+use rand::seq::SliceRandom;
+use rand_distr::{Distribution, StandardNormal};
+
+/// The image files of a pair folder: pair i = (`unsafe/`'s i-th file, `safe/`'s i-th file) in name order.
+#[derive(Debug, Clone)]
+pub struct PairFiles {
+    pub unsafe_images: Vec<PathBuf>,
+    pub safe_images: Vec<PathBuf>,
+}
+
+const IMAGE_EXTENSIONS: &[&str] = &["png", "jpg", "jpeg"];
+
+impl PairFiles {
+    /// Lists `<dir>/unsafe` and `<dir>/safe` (PNG or JPEG), checking that both hold as many images.
+    pub fn list(dir: &Path) -> Result<Self> {
+        let list = |side: &str| -> Result<Vec<PathBuf>> {
+            let sub = dir.join(side);
+            let entries = std::fs::read_dir(&sub).map_err(|e| DuoError::io(&sub, e))?;
+            let mut files: Vec<PathBuf> = entries
+                .filter_map(|e| Some(e.ok()?.path()))
+                .filter(|p| {
+                    p.extension()
+                        .and_then(|e| e.to_str())
+                        .is_some_and(|e| IMAGE_EXTENSIONS.contains(&e.to_ascii_lowercase().as_str()))
+                })
+                .collect();
+            files.sort();
+            Ok(files)
+        };
+        let (unsafe_images, safe_images) = (list("unsafe")?, list("safe")?);
+        if unsafe_images.is_empty() {
+            return Err(DuoError::Invalid(format!(
+                "{}: no images (expected <dir>/unsafe/NN.png and <dir>/safe/NN.png; make them with `duo-train pairs`)",
+                dir.join("unsafe").display()
+            )));
+        }
+        if unsafe_images.len() != safe_images.len() {
+            return Err(DuoError::Invalid(format!(
+                "{}: {} unsafe images but {} safe ones; every unsafe image needs its safe twin",
+                dir.display(),
+                unsafe_images.len(),
+                safe_images.len()
+            )));
+        }
+        Ok(Self { unsafe_images, safe_images })
+    }
+
+    /// A fingerprint of the files (names, sizes, modification times): a cache made from other
+    /// files is stale.
+    fn fingerprint(&self) -> String {
+        let mut parts = Vec::new();
+        for path in self.unsafe_images.iter().chain(&self.safe_images) {
+            let meta = std::fs::metadata(path).ok();
+            let size = meta.as_ref().map_or(0, |m| m.len());
+            let modified = meta
+                .and_then(|m| m.modified().ok())
+                .and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok())
+                .map_or(0, |d| d.as_nanos());
+            parts.push(format!("{}:{size}:{modified}", path.display()));
+        }
+        parts.join("|")
+    }
+}
+
+/// The pairs in latent space, on the host: [n, c, h, w] each.
+#[derive(Debug, Clone)]
+pub struct PairLatents {
+    pub unsafe_latents: TensorData,
+    pub safe_latents: TensorData,
+}
+
+impl PairLatents {
+    pub fn len(&self) -> usize {
+        self.unsafe_latents.shape[0]
+    }
+
+    /// [c, h, w]
+    fn item_shape(&self) -> [usize; 3] {
+        let s = &self.unsafe_latents.shape;
+        [s[1], s[2], s[3]]
+    }
+
+    /// Encodes the pairs through the VAE (`latent_dist.sample() × scaling_factor`, as the authors'
+    /// script), or reads them from `cache` when it was made from the same files. Writes the cache.
+    pub fn load_or_encode<B: Backend>(
+        files: &PairFiles,
+        vae: &AutoencoderKL<B>,
+        downscale: usize,
+        seed: u64,
+        cache: &Path,
+        device: &B::Device,
+    ) -> Result<Self> {
+        let fingerprint = files.fingerprint();
+        if cache.is_file() {
+            let file = TensorFile::read(cache)?;
+            if file.metadata("pairs") == Some(fingerprint.as_str()) {
+                return Ok(Self {
+                    unsafe_latents: file.get_f32("unsafe", 4)?,
+                    safe_latents: file.get_f32("safe", 4)?,
+                });
+            }
+        }
+        let mut noise = NoiseSource::new(seed);
+        let mut encode = |paths: &[PathBuf], size: &mut Option<[usize; 2]>| -> Result<TensorData> {
+            let mut latents = Vec::with_capacity(paths.len());
+            for path in paths {
+                let image = load_image::<B>(path, downscale, device)?;
+                let [_, _, h, w] = image.dims();
+                match size {
+                    None => *size = Some([h, w]),
+                    Some(first) if *first != [h, w] => {
+                        return Err(DuoError::parse(
+                            path,
+                            format!(
+                                "image is {w}×{h} but the first pair image is {}×{}; all pair images must have one size",
+                                first[1], first[0]
+                            ),
+                        ));
+                    }
+                    Some(_) => {}
+                }
+                let dist = vae.encode(image);
+                let sample = dist.sample(noise.normal::<B, 4>(dist.mean.dims(), device));
+                latents.push(sample * vae.scaling_factor);
+            }
+            Ok(Tensor::cat(latents, 0).into_data().convert::<f32>())
+        };
+        let mut size = None;
+        let unsafe_latents = encode(&files.unsafe_images, &mut size)?;
+        let safe_latents = encode(&files.safe_images, &mut size)?;
+        let metadata = [("pairs".to_string(), fingerprint)].into_iter().collect();
+        write_tensor_file_with_metadata(
+            cache,
+            &[("unsafe", unsafe_latents.clone()), ("safe", safe_latents.clone())],
+            metadata,
+        )?;
+        Ok(Self { unsafe_latents, safe_latents })
+    }
+}
+
+/// One batch of b pairs for the DUO step. The UNet input stacks the three branches:
+/// `[x⁻_t⁻ ; x⁺_t⁺ ; ε]` at timesteps `[t⁻ ; t⁺ ; t_prior]`.
+#[derive(Debug, Clone)]
+pub struct DuoBatch<B: Backend> {
+    /// [3b, c, h, w]
+    pub input: Tensor<B, 4>,
+    /// [3b]
+    pub timesteps: Tensor<B, 1>,
+    /// The conditioning embedding repeated: [3b, seq, d].
+    pub context: Tensor<B, 3>,
+    /// The denoising targets of the loser (unsafe) and winner (safe) branches: [b, c, h, w] each.
+    pub loser_target: Tensor<B, 4>,
+    pub winner_target: Tensor<B, 4>,
+}
+
+impl<B: Backend> DuoBatch<B> {
+    pub fn pairs(&self) -> usize {
+        self.loser_target.dims()[0]
+    }
+}
+
+/// How batches are drawn.
+#[derive(Debug, Clone)]
+pub struct Sampling {
+    pub batch_size: usize,
+    pub objective: Objective,
+    /// Timesteps of the pair branches: [t_min, t_max).
+    pub t_min: usize,
+    pub t_max: usize,
+    pub prior_timestep: usize,
+    pub seed: u64,
+}
+
+/// Everything a batch is made from; shared by the loaders (and their per-device copies).
+pub struct BatchSource {
+    pub latents: PairLatents,
+    /// The conditioning prompt's embedding: [1, seq, d].
+    pub context: TensorData,
+    pub schedule: NoiseSchedule,
+    pub sampling: Sampling,
+}
+
+impl BatchSource {
+    /// Batch `g` of the run: the pairs at positions g·b … g·b + b − 1 of the run's pair stream
+    /// (a new permutation per pass), with their noise and timesteps.
+    fn batch<B: Backend>(&self, g: usize, device: &B::Device) -> DuoBatch<B> {
+        let s = &self.sampling;
+        let n = self.latents.len();
+        let positions: Vec<usize> = (g * s.batch_size..(g + 1) * s.batch_size).collect();
+        let pairs: Vec<usize> = positions.iter().map(|&k| self.pass_order(k / n)[k % n]).collect();
+        self.make_batch(&pairs, &mut rng_for(s.seed, g as u64 + 1), device)
+    }
+
+    /// The fixed validation batch: the first `count` pairs, with draws of their own.
+    fn valid_batch<B: Backend>(&self, count: usize, device: &B::Device) -> DuoBatch<B> {
+        let pairs: Vec<usize> = (0..count.min(self.latents.len())).collect();
+        self.make_batch(&pairs, &mut rng_for(self.sampling.seed ^ 0x7661_6c69_64, 0), device)
+    }
+
+    fn pass_order(&self, pass: usize) -> Vec<usize> {
+        let mut order: Vec<usize> = (0..self.latents.len()).collect();
+        order.shuffle(&mut rng_for(self.sampling.seed, u64::MAX - pass as u64));
+        order
+    }
+
+    fn make_batch<B: Backend>(&self, pairs: &[usize], rng: &mut impl Rng, device: &B::Device) -> DuoBatch<B> {
+        let s = &self.sampling;
+        let b = pairs.len();
+        let [c, h, w] = self.latents.item_shape();
+        let item = c * h * w;
+        let gather = |data: &TensorData| -> Tensor<B, 4> {
+            let values = data.as_slice::<f32>().expect("latents are f32");
+            let mut out = Vec::with_capacity(b * item);
+            for &p in pairs {
+                out.extend_from_slice(&values[p * item..(p + 1) * item]);
+            }
+            Tensor::from_data(TensorData::new(out, [b, c, h, w]), device)
+        };
+        let (loser, winner) = (gather(&self.latents.unsafe_latents), gather(&self.latents.safe_latents));
+        // one noise per pair, shared by both images and the prior branch
+        let noise: Vec<f32> = (0..b * item).map(|_| StandardNormal.sample(rng)).collect();
+        let noise = Tensor::<B, 4>::from_data(TensorData::new(noise, [b, c, h, w]), device);
+        let t_loser: Vec<usize> = (0..b).map(|_| rng.random_range(s.t_min..s.t_max)).collect();
+        let t_winner: Vec<usize> = match s.objective {
+            Objective::Duo => (0..b).map(|_| rng.random_range(s.t_min..s.t_max)).collect(),
+            Objective::DiffusionDpo => t_loser.clone(),
+        };
+        let noisy_loser = self.schedule.add_noise(loser.clone(), noise.clone(), &t_loser);
+        let noisy_winner = self.schedule.add_noise(winner.clone(), noise.clone(), &t_winner);
+        let loser_target = self.schedule.training_target(loser, noise.clone(), &t_loser);
+        let winner_target = self.schedule.training_target(winner, noise.clone(), &t_winner);
+        let timesteps: Vec<f32> = t_loser
+            .iter()
+            .chain(&t_winner)
+            .map(|&t| t as f32)
+            .chain(std::iter::repeat_n(s.prior_timestep as f32, b))
+            .collect();
+        let context = Tensor::<B, 3>::from_data(self.context.clone(), device).repeat_dim(0, 3 * b);
+        DuoBatch {
+            input: Tensor::cat(vec![noisy_loser, noisy_winner, noise], 0),
+            timesteps: Tensor::from_data(TensorData::new(timesteps, [3 * b]), device),
+            context,
+            loser_target,
+            winner_target,
+        }
+    }
+}
+
+/// Which batches a loader yields.
+#[derive(Clone)]
+enum Plan {
+    /// `batches` per epoch; the epoch a call to `iter` starts is the counter's value, then it
+    /// advances (shared by every copy of the loader).
+    Train { next_epoch: Arc<AtomicUsize>, batches: usize },
+    /// The same validation batch every time.
+    Valid { pairs: usize },
+}
+
+/// burn-train's data loader for the DUO learner (an epoch is a checkpoint interval).
+#[derive(Clone)]
+pub struct DuoLoader<B: Backend> {
+    source: Arc<BatchSource>,
+    plan: Plan,
+    /// The batches of an epoch this loader yields (all, or a slice of them).
+    range: std::ops::Range<usize>,
+    device: B::Device,
+}
+
+impl<B: Backend> DuoLoader<B> {
+    /// Epochs of `batches` batches, the first one numbered `first_epoch` (0-based: 0 starts the run).
+    pub fn train(source: Arc<BatchSource>, batches: usize, first_epoch: usize, device: B::Device) -> Self {
+        let plan = Plan::Train { next_epoch: Arc::new(AtomicUsize::new(first_epoch)), batches };
+        Self { source, plan, range: 0..batches, device }
+    }
+
+    pub fn valid(source: Arc<BatchSource>, pairs: usize, device: B::Device) -> Self {
+        Self { source, plan: Plan::Valid { pairs }, range: 0..1, device }
+    }
+}
+
+struct DuoIter<'a, B: Backend> {
+    loader: &'a DuoLoader<B>,
+    /// The run's batch index of the epoch's first batch.
+    first_batch: usize,
+    next: usize,
+}
+
+impl<B: Backend> Iterator for DuoIter<'_, B> {
+    type Item = DuoBatch<B>;
+
+    fn next(&mut self) -> Option<DuoBatch<B>> {
+        if self.next >= self.loader.range.end {
+            return None;
+        }
+        let i = self.next;
+        self.next += 1;
+        let source = &self.loader.source;
+        Some(match &self.loader.plan {
+            Plan::Train { .. } => source.batch(self.first_batch + i, &self.loader.device),
+            Plan::Valid { pairs } => source.valid_batch(*pairs, &self.loader.device),
+        })
+    }
+}
+
+impl<B: Backend> DataLoaderIterator<DuoBatch<B>> for DuoIter<'_, B> {
+    fn progress(&self) -> Progress {
+        let size = self.loader.source.sampling.batch_size;
+        Progress::new((self.next - self.loader.range.start) * size, self.loader.range.len() * size)
+    }
+}
+
+impl<B: Backend> DataLoader<B, DuoBatch<B>> for DuoLoader<B> {
+    fn iter<'a>(&'a self) -> Box<dyn DataLoaderIterator<DuoBatch<B>> + 'a> {
+        let first_batch = match &self.plan {
+            Plan::Train { next_epoch, batches } => next_epoch.fetch_add(1, Ordering::SeqCst) * batches,
+            Plan::Valid { .. } => 0,
+        };
+        Box::new(DuoIter { loader: self, first_batch, next: self.range.start })
+    }
+
+    fn num_items(&self) -> usize {
+        self.range.len() * self.source.sampling.batch_size
+    }
+
+    fn to_device(&self, device: &B::Device) -> Arc<dyn DataLoader<B, DuoBatch<B>>> {
+        Arc::new(Self { device: device.clone(), ..self.clone() })
+    }
+
+    fn slice(&self, start: usize, end: usize) -> Arc<dyn DataLoader<B, DuoBatch<B>>> {
+        let size = self.source.sampling.batch_size;
+        let range =
+            (self.range.start + start / size)..(self.range.start + end.div_ceil(size)).min(self.range.end);
+        Arc::new(Self { range, ..self.clone() })
+    }
+}

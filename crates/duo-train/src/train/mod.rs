@@ -1,0 +1,271 @@
+//! `duo-train train`: the DUO learner (duo-reference.md §2) on burn-train.
+//!
+//! A run directory holds the effective config, the pairs' latent cache, burn-train's checkpoints
+//! (LoRA adapters and AdamW state only) and metric logs, `experiment.log`, and at the end
+//! `lora.safetensors` (diffusers/PEFT format).
+
+pub mod config;
+mod data;
+mod model;
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use burn::backend::Autodiff;
+use burn::prelude::*;
+use burn::tensor::DType;
+use burn::tensor::backend::AutodiffBackend;
+use burn::train::{ApplicationLoggerInstaller, FileApplicationLoggerInstaller};
+use clap::Args;
+use duo_core::device::{BackendTask, DeviceChoice, FloatType, dispatch};
+use duo_core::lora::{LoraFormat, attach_lora, lora_parameter_count, save_lora, take_lora_adapters};
+use duo_core::schedulers::{NoiseSchedule, SchedulerConfig};
+use duo_core::tokenizer::ClipTokenizer;
+use duo_core::{DuoError, ModelFolder, Result};
+
+use self::config::DuoConfig;
+use self::data::{BatchSource, DuoLoader, PairFiles, PairLatents, Sampling};
+use self::model::{DuoModel, DuoSettings, NonFiniteGuard, TRAIN_SCALARS};
+use crate::learning::{Stage, StopControl, latest_checkpoint};
+
+#[derive(Args, Debug, Clone)]
+pub struct TrainArgs {
+    /// The run's TOML config.
+    #[arg(long, default_value = "configs/toy-cross.toml", conflicts_with = "resume")]
+    pub config: PathBuf,
+    /// Override a config key: KEY=VALUE with a dotted key (repeatable), e.g. --set duo.beta=250.
+    #[arg(long = "set", value_name = "KEY=VALUE")]
+    pub set: Vec<String>,
+    /// The pair folder (<dir>/unsafe, <dir>/safe); default: the config's <pairs.dir>/<concept>.
+    #[arg(long)]
+    pub pairs: Option<PathBuf>,
+    /// The run directory (default: runs/train-<UTC time>).
+    #[arg(long, conflicts_with = "resume")]
+    pub run_dir: Option<PathBuf>,
+    /// Continue the run in this directory from its latest checkpoint, with its saved config (plus
+    /// --set, except for the keys the checkpoints depend on).
+    #[arg(long, value_name = "RUN_DIR")]
+    pub resume: Option<PathBuf>,
+    /// Without a terminal, print the metrics every this many steps.
+    #[arg(long, default_value_t = 25)]
+    pub log_every: usize,
+}
+
+/// What a finished (or stopped) run leaves.
+pub struct TrainResult {
+    pub dir: PathBuf,
+    /// `lora.safetensors` when the run completed.
+    pub lora: Option<PathBuf>,
+}
+
+pub fn run(args: TrainArgs, device: DeviceChoice, float: FloatType) -> Result<TrainResult> {
+    let (config, dir) = match &args.resume {
+        Some(dir) => (DuoConfig::resumed(&dir.join("config.toml"), &args.set)?, dir.clone()),
+        None => {
+            let config = DuoConfig::load(&args.config, &args.set)?;
+            let dir = args.run_dir.clone().unwrap_or_else(|| crate::run_dir_name("train"));
+            if dir.join("config.toml").exists() {
+                return Err(DuoError::Invalid(format!(
+                    "{} already holds a run: continue it with --resume {0}, or pick another --run-dir",
+                    dir.display()
+                )));
+            }
+            (config, dir)
+        }
+    };
+    let pairs = args.pairs.clone().unwrap_or_else(|| config.pair_dir());
+    let files = PairFiles::list(&pairs)?;
+    std::fs::create_dir_all(&dir).map_err(|e| DuoError::io(&dir, e))?;
+    duo_core::fsutil::write_atomic(&dir.join("config.toml"), config.to_toml()?.as_bytes())?;
+    // burn-train would install one per launch; the unlearn job launches once per process anyway.
+    let _ = FileApplicationLoggerInstaller::new(dir.join("experiment.log")).install();
+    println!("run directory: {}", dir.display());
+    dispatch(device, float, TrainTask { config, files, dir, log_every: args.log_every })
+}
+
+struct TrainTask {
+    config: DuoConfig,
+    files: PairFiles,
+    dir: PathBuf,
+    log_every: usize,
+}
+
+impl BackendTask for TrainTask {
+    type Output = TrainResult;
+
+    fn run<B: Backend>(self, device: B::Device, dtype: DType) -> Result<TrainResult> {
+        train::<Autodiff<B>>(self, device, dtype)
+    }
+}
+
+fn train<B: AutodiffBackend>(task: TrainTask, device: B::Device, dtype: DType) -> Result<TrainResult> {
+    let TrainTask { config, files, dir, log_every } = task;
+    let folder = ModelFolder::open(&config.model)?.with_dtype(dtype);
+    let schedule = config.schedule();
+    let d = &config.duo;
+    let noise_schedule = NoiseSchedule::from_config(&SchedulerConfig::from_file(
+        &folder.file("scheduler", "scheduler_config.json")?,
+    )?)?;
+    let timesteps = noise_schedule.num_train_timesteps();
+    if d.t_max > timesteps || d.prior_timestep >= timesteps {
+        return Err(DuoError::config(
+            dir.join("config.toml"),
+            format!(
+                "duo.t_max = {} and duo.prior_timestep = {} must lie within the model's {timesteps} training timesteps",
+                d.t_max, d.prior_timestep
+            ),
+        ));
+    }
+
+    // Everything the UNet does not need is computed once, on the inner backend, then dropped.
+    let inner = device.clone();
+    let context = conditioning::<B::InnerBackend>(&folder, &d.prompt, &inner)?;
+    let latents = {
+        let vae = folder.vae::<B::InnerBackend>(&inner)?;
+        let downscale = folder.vae_config()?.downscale_factor();
+        PairLatents::load_or_encode(
+            &files,
+            &vae,
+            downscale,
+            config.training.seed,
+            &dir.join("latents.safetensors"),
+            &inner,
+        )?
+    };
+    println!(
+        "{} pairs of {:?} latents from {}",
+        latents.len(),
+        &latents.unsafe_latents.shape[1..],
+        files.unsafe_images[0].parent().and_then(Path::parent).unwrap_or(Path::new(".")).display()
+    );
+
+    let unet = attach_lora(folder.unet::<B>(&device)?, &config.lora_config()?, &device)?;
+    let trainable = lora_parameter_count(&unet);
+    let (unet, adapters) = take_lora_adapters(unet);
+    let control = StopControl::install()?;
+    let guard = NonFiniteGuard::new(control.interrupter());
+    let resume = latest_checkpoint::<B>(&dir).unwrap_or(0);
+    let (paths, adapters) = adapters.into_iter().unzip();
+    let model = DuoModel {
+        unet,
+        adapters,
+        paths,
+        settings: DuoSettings {
+            beta: d.beta,
+            lambda: config.lambda(),
+            objective: config.objective(),
+            max_grad_norm: config.training.max_grad_norm,
+            grad_accumulation: schedule.grad_accumulation,
+        },
+        step: resume * schedule.checkpoint_every,
+        guard: guard.clone(),
+    };
+    println!(
+        "LoRA rank {} on `{}`: {:.2} M trainable parameters; β {} → lr {:.2e}, λ {:.3e} ({})",
+        config.lora.rank,
+        config.lora.targets,
+        trainable as f64 / 1e6,
+        d.beta,
+        config.lr(),
+        config.lambda(),
+        d.objective
+    );
+
+    let source = Arc::new(BatchSource {
+        latents,
+        context,
+        schedule: noise_schedule,
+        sampling: Sampling {
+            batch_size: schedule.batch_size,
+            objective: config.objective(),
+            t_min: d.t_min,
+            t_max: d.t_max,
+            prior_timestep: d.prior_timestep,
+            seed: config.training.seed,
+        },
+    });
+    let batches = schedule.checkpoint_every * schedule.grad_accumulation;
+    let train = Arc::new(DuoLoader::<B>::train(source.clone(), batches, resume, device.clone()));
+    let valid =
+        Arc::new(DuoLoader::<B::InnerBackend>::valid(source, config.training.valid_pairs, device.clone()));
+    let stage = Stage {
+        name: "duo",
+        dir: dir.clone(),
+        schedule,
+        log_every,
+        control: &control,
+        train_scalars: TRAIN_SCALARS,
+        valid_scalars: &TRAIN_SCALARS[..5],
+    };
+    let result = stage.run(model, train, valid)?;
+    if let Some((step, norm)) = guard.tripped() {
+        let kept = match result.epoch {
+            0 => "no checkpoint was written yet".to_string(),
+            k => format!("the last good checkpoint (step {}) is kept", k * schedule.checkpoint_every),
+        };
+        return Err(DuoError::Invalid(format!(
+            "the loss or its gradient became non-finite at step {step} (gradient norm {norm}); {kept} in {}; \
+             try a smaller duo.base_lr or duo.beta",
+            dir.join("checkpoint").display()
+        )));
+    }
+    if !result.complete {
+        println!("stopped at the last checkpoint; continue with: duo-train train --resume {}", dir.display());
+        return Ok(TrainResult { dir, lora: None });
+    }
+    let lora = dir.join("lora.safetensors");
+    save_lora(&result.model.policy(), &lora, LoraFormat::Peft)?;
+    println!("wrote {} ({} adapters, PEFT format)", lora.display(), result.model.adapters.len());
+    Ok(TrainResult { dir, lora: Some(lora) })
+}
+
+/// The CLIP last hidden state of `prompt` (the conditioning of every branch), on the host: [1, seq, d].
+fn conditioning<B: Backend>(folder: &ModelFolder, prompt: &str, device: &B::Device) -> Result<TensorData> {
+    let tokenizer = ClipTokenizer::from_folder(&folder.root().join("tokenizer"))?;
+    let text_encoder = folder.text_encoder::<B>(device)?;
+    let len = tokenizer.model_max_length();
+    let ids: Vec<i64> = tokenizer.encode_padded(prompt, len).into_iter().map(i64::from).collect();
+    let ids = Tensor::<B, 2, Int>::from_data(TensorData::new(ids, [1, len]), device);
+    Ok(text_encoder.forward(ids).last_hidden_state.into_data())
+}
+
+#[cfg(test)]
+mod tests {
+    use burn::module::Module;
+
+    use super::*;
+
+    #[test]
+    fn the_module_record_holds_only_the_adapters() {
+        type B = Autodiff<burn::backend::Flex>;
+        let folder = ModelFolder::open(
+            PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../tests/fixtures/models/sd1-tiny"),
+        )
+        .unwrap();
+        let device = Default::default();
+        let unet = attach_lora(folder.unet::<B>(&device).unwrap(), &Default::default(), &device).unwrap();
+        let trainable = lora_parameter_count(&unet);
+        let base = unet.num_params();
+        let (unet, adapters) = take_lora_adapters(unet);
+        let (paths, adapters) = adapters.into_iter().unzip();
+        let model = DuoModel {
+            unet,
+            adapters,
+            paths,
+            settings: DuoSettings {
+                beta: 500.0,
+                lambda: 5e6,
+                objective: duo_core::objective::Objective::Duo,
+                max_grad_norm: 1.0,
+                grad_accumulation: 1,
+            },
+            step: 0,
+            guard: NonFiniteGuard::new(burn::train::Interrupter::new()),
+        };
+        assert!(trainable > 0 && trainable < base);
+        assert_eq!(model.num_params(), trainable, "the base UNet is not part of the trained module");
+        // the policy is the UNet with every adapter back in place
+        assert_eq!(lora_parameter_count(&model.policy()), trainable);
+        assert_eq!(model.policy().num_params(), base);
+    }
+}
