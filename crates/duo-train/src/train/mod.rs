@@ -36,8 +36,9 @@ pub struct TrainArgs {
     /// Override a config key: KEY=VALUE with a dotted key (repeatable), e.g. --set duo.beta=250.
     #[arg(long = "set", value_name = "KEY=VALUE")]
     pub set: Vec<String>,
-    /// The pair folder (<dir>/unsafe, <dir>/safe); default: the config's <pairs.dir>/<concept>.
-    #[arg(long)]
+    /// The pair folder (<dir>/unsafe, <dir>/safe); short for --set pairs.dir=<parent> --set
+    /// concept=<folder name>. Default: the config's <pairs.dir>/<concept>.
+    #[arg(long, conflicts_with = "resume")]
     pub pairs: Option<PathBuf>,
     /// The run directory (default: runs/train-<UTC time>).
     #[arg(long, conflicts_with = "resume")]
@@ -59,10 +60,18 @@ pub struct TrainResult {
 }
 
 pub fn run(args: TrainArgs, device: DeviceChoice, float: FloatType) -> Result<TrainResult> {
+    let mut sets = args.set.clone();
+    if let Some(pairs) = &args.pairs {
+        let (Some(parent), Some(name)) = (pairs.parent(), pairs.file_name()) else {
+            return Err(DuoError::Invalid(format!("--pairs {}: expected a folder path", pairs.display())));
+        };
+        sets.push(format!("pairs.dir={}", parent.display()));
+        sets.push(format!("concept={}", name.to_string_lossy()));
+    }
     let (config, dir) = match &args.resume {
-        Some(dir) => (DuoConfig::resumed(&dir.join("config.toml"), &args.set)?, dir.clone()),
+        Some(dir) => (DuoConfig::resumed(&dir.join("config.toml"), &sets)?, dir.clone()),
         None => {
-            let config = DuoConfig::load(&args.config, &args.set)?;
+            let config = DuoConfig::load(&args.config, &sets)?;
             let dir = args.run_dir.clone().unwrap_or_else(|| crate::run_dir_name("train"));
             if dir.join("config.toml").exists() {
                 return Err(DuoError::Invalid(format!(
@@ -73,8 +82,7 @@ pub fn run(args: TrainArgs, device: DeviceChoice, float: FloatType) -> Result<Tr
             (config, dir)
         }
     };
-    let pairs = args.pairs.clone().unwrap_or_else(|| config.pair_dir());
-    let files = PairFiles::list(&pairs)?;
+    let files = PairFiles::list(&config.pair_dir())?;
     std::fs::create_dir_all(&dir).map_err(|e| DuoError::io(&dir, e))?;
     duo_core::fsutil::write_atomic(&dir.join("config.toml"), config.to_toml()?.as_bytes())?;
     // burn-train would install one per launch; the unlearn job launches once per process anyway.

@@ -1,0 +1,217 @@
+//! `duo-train train`, the DUO learner, end to end on the tiny fixture model: it learns the pair
+//! preference, resumes to exactly the uninterrupted state, stops cleanly, and refuses bad input.
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output, Stdio};
+
+fn root() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../..")
+}
+
+fn tmp(name: &str) -> PathBuf {
+    let dir = std::env::temp_dir().join(format!("duo-train-test-{}-{name}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    dir
+}
+
+/// `n` pairs of 16×16 images (the tiny model's size): unsafe ones a diagonal stripe on red,
+/// safe ones a vertical stripe on blue, each with its own jitter.
+fn write_pairs(dir: &Path, n: usize) {
+    for (side, index_colour) in [("unsafe", [200u8, 40, 40]), ("safe", [40, 40, 200])] {
+        std::fs::create_dir_all(dir.join(side)).unwrap();
+        for i in 0..n {
+            let image = image::RgbImage::from_fn(16, 16, |x, y| {
+                let on = if side == "unsafe" { x == y || x + y == 15 } else { x == 7 + (i as u32 % 3) };
+                let shade = (i * 13 % 40) as u8;
+                if on {
+                    image::Rgb([240 - shade, 240, 240])
+                } else {
+                    image::Rgb(index_colour.map(|c| c.saturating_add(shade)))
+                }
+            });
+            image.save(dir.join(side).join(format!("{i:02}.png"))).unwrap();
+        }
+    }
+}
+
+fn train(run_dir: &Path, pairs: &Path, sets: &[&str]) -> Output {
+    let mut command = Command::new(env!("CARGO_BIN_EXE_duo-train"));
+    command.args(["--device", "cpu", "train", "--log-every", "1000"]);
+    command.arg("--set").arg(format!("model={}", root().join("tests/fixtures/models/sd1-tiny").display()));
+    command.arg("--pairs").arg(pairs).arg("--run-dir").arg(run_dir);
+    command.arg("--config").arg(root().join("configs/toy-cross.toml"));
+    for set in sets {
+        command.args(["--set", set]);
+    }
+    command.output().unwrap()
+}
+
+fn resume(run_dir: &Path, sets: &[&str]) -> Output {
+    let mut command = Command::new(env!("CARGO_BIN_EXE_duo-train"));
+    command.args(["--device", "cpu", "train", "--log-every", "1000", "--resume"]).arg(run_dir);
+    for set in sets {
+        command.args(["--set", set]);
+    }
+    command.output().unwrap()
+}
+
+fn text(output: &Output) -> String {
+    format!("{}{}", String::from_utf8_lossy(&output.stdout), String::from_utf8_lossy(&output.stderr))
+}
+
+fn assert_success(output: &Output) {
+    assert!(output.status.success(), "duo-train failed:\n{}", text(output));
+}
+
+/// The validation metric `name` at checkpoint `epoch`, from burn-train's metric log.
+fn valid_metric(run_dir: &Path, epoch: usize, name: &str) -> f64 {
+    let path = run_dir.join(format!("valid/epoch-{epoch}/{name}.log"));
+    let log = std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+    let last = log.lines().last().unwrap_or_else(|| panic!("{} is empty", path.display()));
+    last.split(',').next().unwrap().trim().parse().unwrap()
+}
+
+#[test]
+fn training_learns_the_pair_preference() {
+    let dir = tmp("learns");
+    write_pairs(&dir.join("pairs"), 4);
+    let run = dir.join("run");
+    // A large learning rate and adapters on all attention layers, so that the tiny random-weight
+    // model moves within a few steps; one timestep for both images and no prior term, because the
+    // variance of independent random timesteps needs far more steps to average out.
+    let output = train(
+        &run,
+        &dir.join("pairs"),
+        &[
+            "training.steps=60",
+            "training.checkpoint_every=20",
+            "training.valid_pairs=4",
+            "duo.base_lr=0.01",
+            "duo.base_lambda=0",
+            "duo.t_min=400",
+            "duo.t_max=401",
+            "lora.targets=all-attn",
+        ],
+    );
+    assert_success(&output);
+    let log = text(&output);
+    assert!(log.contains("trainable parameters"), "{log}");
+    // The policy starts as the reference (L_dpo = ln 2); the validation batch is fixed.
+    let first = valid_metric(&run, 1, "dpo_loss");
+    let last = valid_metric(&run, 3, "dpo_loss");
+    let accuracy = valid_metric(&run, 3, "implicit_accuracy");
+    assert!(last < first && last < 0.6, "validation DPO loss {first} → {last}");
+    assert!(accuracy >= 0.75, "implicit accuracy {accuracy}");
+    // The LoRA file is written in PEFT format, and the checkpoints hold only adapters + optimizer.
+    let lora = duo_core::tensor_file::TensorFile::read(&run.join("lora.safetensors")).unwrap();
+    assert!(lora.names().any(|n| n.ends_with("attn1.to_q.lora_A.weight")));
+    assert!(lora.names().any(|n| n.contains("attn2.to_v.lora_B")), "lora.targets=all-attn");
+    let checkpoint = std::fs::metadata(run.join("checkpoint/model-3.mpk")).unwrap().len();
+    let adapters = std::fs::metadata(run.join("lora.safetensors")).unwrap().len();
+    assert!(
+        checkpoint < adapters + adapters / 5,
+        "model checkpoint {checkpoint} B vs the adapters' {adapters} B"
+    );
+}
+
+#[test]
+fn a_resumed_run_ends_in_the_same_state_as_an_uninterrupted_one() {
+    let dir = tmp("resume");
+    write_pairs(&dir.join("pairs"), 3);
+    let sets = ["training.checkpoint_every=3", "duo.base_lr=0.01", "training.batch_size=2"];
+    let whole = dir.join("whole");
+    assert_success(&train(&whole, &dir.join("pairs"), &[&sets[..], &["training.steps=9"]].concat()));
+    let parts = dir.join("parts");
+    assert_success(&train(&parts, &dir.join("pairs"), &[&sets[..], &["training.steps=3"]].concat()));
+    assert_success(&resume(&parts, &["training.steps=6"]));
+    assert_success(&resume(&parts, &["training.steps=9"]));
+    // bit for bit (the files' metadata order may differ: safetensors writes a hash map)
+    let read = |dir: &Path| duo_core::tensor_file::TensorFile::read(&dir.join("lora.safetensors")).unwrap();
+    let (a, b) = (read(&whole), read(&parts));
+    let names: Vec<&str> = a.names().collect();
+    assert_eq!(names.len(), b.names().count());
+    for name in names {
+        assert_eq!(a.get(name).unwrap(), b.get(name).unwrap(), "{name} after 3+3+3 steps vs 9 steps");
+    }
+    // the latents were encoded once and reused
+    assert!(text(&resume(&parts, &["training.steps=9"])).contains("complete"));
+}
+
+#[test]
+fn ctrl_c_stops_at_the_next_checkpoint_and_the_run_resumes() {
+    let dir = tmp("ctrl-c");
+    write_pairs(&dir.join("pairs"), 3);
+    let run = dir.join("run");
+    let mut command = Command::new(env!("CARGO_BIN_EXE_duo-train"));
+    command.args(["--device", "cpu", "train", "--log-every", "1"]);
+    command.arg("--config").arg(root().join("configs/toy-cross.toml"));
+    command.arg("--set").arg(format!("model={}", root().join("tests/fixtures/models/sd1-tiny").display()));
+    command.args(["--set", "training.steps=400", "--set", "training.checkpoint_every=5"]);
+    command.arg("--pairs").arg(dir.join("pairs")).arg("--run-dir").arg(&run);
+    let child = command.stdout(Stdio::piped()).stderr(Stdio::piped()).spawn().unwrap();
+    // wait for training to be under way, then send SIGINT as a terminal's Ctrl-C would
+    let start = std::time::Instant::now();
+    while !run.join("train/epoch-1").exists() {
+        assert!(start.elapsed().as_secs() < 120, "training did not start");
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
+    let pid = child.id().to_string();
+    assert!(Command::new("kill").args(["-INT", &pid]).status().unwrap().success());
+    let output = child.wait_with_output().unwrap();
+    assert_success(&output);
+    let log = text(&output);
+    assert!(log.contains("stopped at the last checkpoint"), "{log}");
+    assert!(!run.join("lora.safetensors").exists(), "a stopped run has not finished");
+    let checkpoints: Vec<_> = std::fs::read_dir(run.join("checkpoint")).unwrap().collect();
+    assert!(!checkpoints.is_empty(), "the stop saved a checkpoint");
+    assert_success(&resume(&run, &["training.steps=20"]));
+    assert!(run.join("lora.safetensors").is_file());
+}
+
+#[test]
+fn a_diverging_run_stops_with_the_step_and_keeps_the_last_good_checkpoint() {
+    let dir = tmp("nan");
+    write_pairs(&dir.join("pairs"), 3);
+    let run = dir.join("run");
+    // Adam moves every weight by about lr per step: 1e30 overflows the UNet within a few steps.
+    let output = train(
+        &run,
+        &dir.join("pairs"),
+        &["training.steps=40", "training.checkpoint_every=1", "duo.base_lr=1e32", "duo.beta_coupling=false"],
+    );
+    assert!(!output.status.success());
+    let log = text(&output);
+    assert!(log.contains("non-finite at step"), "{log}");
+    assert!(!run.join("lora.safetensors").exists());
+}
+
+#[test]
+fn bad_pair_folders_and_configs_are_clear_errors() {
+    let dir = tmp("bad");
+    let pairs = dir.join("pairs");
+    write_pairs(&pairs, 3);
+    let expect_error = |output: Output, needle: &str| {
+        assert!(!output.status.success(), "expected a failure mentioning {needle:?}");
+        let log = text(&output);
+        assert!(log.contains(needle), "expected {needle:?} in:\n{log}");
+    };
+
+    expect_error(train(&dir.join("r1"), &pairs, &["duo.bta=250"]), "bta");
+    expect_error(
+        train(&dir.join("r2"), &pairs, &["pairs.unsafe_prompts=[]"]),
+        "pairs.unsafe_prompts is empty",
+    );
+    expect_error(train(&dir.join("r3"), &pairs, &["duo.beta=-1"]), "duo.beta");
+    expect_error(
+        train(&dir.join("r4"), &pairs, &["training.steps=7", "training.checkpoint_every=2"]),
+        "multiple",
+    );
+    expect_error(train(&dir.join("r5"), &dir.join("nowhere"), &[]), "nowhere");
+
+    // one safe twin missing
+    std::fs::remove_file(pairs.join("safe/02.png")).unwrap();
+    expect_error(train(&dir.join("r6"), &pairs, &[]), "3 unsafe images but 2 safe");
+    // a safe twin of another size
+    image::RgbImage::new(24, 16).save(pairs.join("safe/02.png")).unwrap();
+    expect_error(train(&dir.join("r7"), &pairs, &[]), "02.png");
+}
