@@ -1,4 +1,5 @@
-//! `duo-bench` end to end: the forward and tokenize entry points that outside scripts call.
+//! `duo-bench` end to end: the forward and tokenize entry points that outside scripts call, and the
+//! quality gates.
 
 use std::path::PathBuf;
 use std::process::Command;
@@ -103,4 +104,125 @@ fn unknown_device_is_refused_with_the_compiled_list() {
     assert!(!output.status.success());
     let stderr = String::from_utf8_lossy(&output.stderr);
     assert!(stderr.contains("unknown device") && stderr.contains("cpu"), "{stderr}");
+}
+
+/// Copies a model folder (flat two levels, as diffusers folders are) so that a test can edit its configs.
+fn copy_model(from: &std::path::Path, to: &std::path::Path) {
+    for entry in std::fs::read_dir(from).unwrap() {
+        let entry = entry.unwrap();
+        let target = to.join(entry.file_name());
+        if entry.file_type().unwrap().is_dir() {
+            std::fs::create_dir_all(&target).unwrap();
+            copy_model(&entry.path(), &target);
+        } else {
+            std::fs::copy(entry.path(), &target).unwrap();
+        }
+    }
+}
+
+/// PNG width and height from the IHDR chunk (bytes 16..24, big-endian).
+fn png_size(path: &std::path::Path) -> (u32, u32) {
+    let bytes = std::fs::read(path).unwrap();
+    assert_eq!(&bytes[1..4], b"PNG", "{} is not a PNG", path.display());
+    let be = |at: usize| u32::from_be_bytes(bytes[at..at + 4].try_into().unwrap());
+    (be(16), be(20))
+}
+
+#[test]
+fn quality_refuses_a_model_that_does_not_generate_at_the_judge_size() {
+    // sd1-tiny: sample_size 8 × VAE factor 2 = 16×16 images; the judge reads 32×32
+    let out = tmp("quality-refused");
+    let output = bench()
+        .args(["--device", "cpu", "quality", "--seeds", "2", "--steps", "2"])
+        .arg("--model")
+        .arg(root().join("tests/fixtures/models/sd1-tiny"))
+        .arg("--judge")
+        .arg(root().join("models/judge"))
+        .arg("--out")
+        .arg(&out)
+        .output()
+        .unwrap();
+    assert!(!output.status.success());
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(
+        stderr.contains("unet/config.json") && stderr.contains("16×16") && stderr.contains("32×32"),
+        "{stderr}"
+    );
+    assert!(!out.join("quality.json").exists());
+
+    // bad settings are refused before any model is read
+    let output =
+        bench().args(["quality", "--model", "nowhere", "--seeds", "0", "--out"]).arg(&out).output().unwrap();
+    assert!(!output.status.success());
+    assert!(String::from_utf8_lossy(&output.stderr).contains("--seeds must be at least 1"));
+    let output = bench()
+        .args(["quality", "--model", "nowhere", "--scheduler", "heun", "--out"])
+        .arg(&out)
+        .output()
+        .unwrap();
+    assert!(String::from_utf8_lossy(&output.stderr).contains("unknown scheduler \"heun\""));
+}
+
+#[test]
+fn quality_writes_figures_gates_and_grid() {
+    // sd1-tiny with its latent side doubled generates 32×32 images, the judge's size; its weights are
+    // random, so the figures are meaningless, but every one must be computed and in range.
+    let model = tmp("quality-model");
+    let _ = std::fs::remove_dir_all(&model);
+    copy_model(&root().join("tests/fixtures/models/sd1-tiny"), &model);
+    let config_path = model.join("unet/config.json");
+    let mut config: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&config_path).unwrap()).unwrap();
+    config["sample_size"] = serde_json::json!(16);
+    std::fs::write(&config_path, config.to_string()).unwrap();
+
+    let out = tmp("quality-out");
+    let output = bench()
+        .args(["--device", "cpu", "quality", "--seeds", "2", "--steps", "2", "--batch", "7"])
+        .arg("--model")
+        .arg(&model)
+        .arg("--judge")
+        .arg(root().join("models/judge"))
+        .arg("--out")
+        .arg(&out)
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    assert!(output.status.success(), "{stdout}\n{}", String::from_utf8_lossy(&output.stderr));
+    // the table names every gate and the verdict
+    for gate in
+        ["shape_accuracy", "color_accuracy", "cross_rate", "plus_rate", "unconditional_covers_all_shapes"]
+    {
+        assert!(stdout.contains(gate), "{gate} missing from:\n{stdout}");
+    }
+    assert!(stdout.contains("all quality gates pass") || stdout.contains("FAILED quality gates"), "{stdout}");
+
+    let report: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(out.join("quality.json")).unwrap()).unwrap();
+    for key in ["shape_accuracy", "color_accuracy", "cross_rate", "plus_rate"] {
+        let value = report[key].as_f64().unwrap_or_else(|| panic!("{key}: {}", report[key]));
+        assert!((0.0..=1.0).contains(&value), "{key} = {value}");
+        assert!(report["gates"][key]["passed"].is_boolean(), "gates.{key}");
+    }
+    assert!(report["unconditional_covers_all_shapes"].is_boolean());
+    assert!(report["gates"]["all_passed"].is_boolean());
+    assert_eq!(report["per_shape"].as_object().unwrap().len(), 6);
+    assert_eq!(report["per_color"].as_object().unwrap().len(), 6);
+    assert_eq!(report["per_prompt"].as_array().unwrap().len(), 36);
+    // every wording of the cross: the canonical word and the three held-out ones
+    let words: Vec<&str> = report["cross_rates"].as_object().unwrap().keys().map(String::as_str).collect();
+    assert_eq!(words, ["cross", "diagonal cross", "saltire", "x shape"]);
+    let lowest =
+        words.iter().map(|w| report["cross_rates"][w].as_f64().unwrap()).fold(f64::INFINITY, f64::min);
+    assert_eq!(report["cross_rate"].as_f64().unwrap(), lowest);
+    let histogram = report["unconditional"]["shape_histogram"].as_object().unwrap();
+    assert_eq!(histogram.values().map(|n| n.as_u64().unwrap()).sum::<u64>(), 2);
+    assert_eq!(report["settings"]["seeds"], 2);
+    assert_eq!(report["settings"]["scheduler"], "ddim");
+
+    // grid: 10 rows (6 shapes, 3 held-out crosses, unconditional) × 2 seeds of 128² tiles, 2 px gaps
+    assert_eq!(report["grid_rows"].as_array().unwrap().len(), 10);
+    assert_eq!(png_size(&out.join("grid.png")), (2 * 128 + 2, 10 * 128 + 9 * 2));
+    let _ = std::fs::remove_dir_all(&model);
+    let _ = std::fs::remove_dir_all(&out);
 }

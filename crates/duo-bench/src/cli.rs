@@ -9,7 +9,7 @@ use duo_core::tensor_file::{TensorFile, write_tensor_file};
 use duo_core::tokenizer::ClipTokenizer;
 use duo_core::{DuoError, ModelFolder, Result};
 
-use crate::perf;
+use crate::{perf, quality};
 
 #[derive(Parser, Debug)]
 #[command(
@@ -63,6 +63,9 @@ pub enum Command {
     },
     /// Time the UNet (forward, forward+backward), its peak memory and sampling throughput.
     Perf(perf::PerfArgs),
+    /// Issue 3's quality gates: shape/colour accuracy, cross and plus rates and unconditional coverage
+    /// of a toy-world model, read by the concept judge. Writes quality.json and grid.png.
+    Quality(quality::QualityArgs),
 }
 
 pub fn run(cli: Cli) -> Result<()> {
@@ -79,6 +82,7 @@ pub fn run(cli: Cli) -> Result<()> {
         }
         Command::Tokenize { model, prompts, out } => tokenize(&model, &prompts, &out),
         Command::Perf(args) => perf::run(args, device, float),
+        Command::Quality(args) => quality::run(args, device, float),
     }
 }
 

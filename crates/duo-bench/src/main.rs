@@ -1,8 +1,10 @@
 //! `duo-bench`: red-team attacks, judges, metrics, reports and the performance harness.
-//! This first part holds the parity entry points that outside scripts call.
+//! So far: the parity entry points that outside scripts call, the performance harness and the
+//! quality gates of a toy-world model.
 
 mod cli;
 mod perf;
+mod quality;
 
 use std::process::ExitCode;
 
