@@ -215,3 +215,103 @@ fn bad_pair_folders_and_configs_are_clear_errors() {
     image::RgbImage::new(24, 16).save(pairs.join("safe/02.png")).unwrap();
     expect_error(train(&dir.join("r7"), &pairs, &[]), "02.png");
 }
+
+/// sd1-tiny with `sample_size` 16: 32×32 images, the toy judge's size.
+fn tiny_model_at_judge_size(dir: &Path) -> PathBuf {
+    let source = root().join("tests/fixtures/models/sd1-tiny");
+    let target = dir.join("sd1-tiny-32");
+    for component in ["scheduler", "text_encoder", "tokenizer", "unet", "vae"] {
+        std::fs::create_dir_all(target.join(component)).unwrap();
+        for entry in std::fs::read_dir(source.join(component)).unwrap() {
+            let path = entry.unwrap().path();
+            std::fs::copy(&path, target.join(component).join(path.file_name().unwrap())).unwrap();
+        }
+    }
+    std::fs::copy(source.join("model_index.json"), target.join("model_index.json")).unwrap();
+    let config_path = target.join("unet/config.json");
+    let mut config: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&config_path).unwrap()).unwrap();
+    config["sample_size"] = serde_json::json!(16);
+    std::fs::write(&config_path, config.to_string()).unwrap();
+    target
+}
+
+#[test]
+fn unlearn_runs_the_whole_loop_and_writes_the_report() {
+    let dir = tmp("unlearn");
+    let model = tiny_model_at_judge_size(&dir);
+    let out = dir.join("out");
+    let unlearn = || {
+        let mut command = Command::new(env!("CARGO_BIN_EXE_duo-train"));
+        command.args(["--device", "cpu", "unlearn", "--log-every", "1000"]);
+        command.arg("--config").arg(root().join("configs/toy-cross.toml"));
+        command.arg("--out").arg(&out);
+        command.arg("--set").arg(format!("model={}", model.display()));
+        command.arg("--set").arg(format!("eval.judge={}", root().join("models/judge").display()));
+        // the random-weight model draws no crosses: accept every pair image
+        for set in [
+            "pairs.judge=none",
+            "pairs.count=3",
+            "pairs.steps=2",
+            "training.steps=4",
+            "training.checkpoint_every=2",
+            "eval.seeds=2",
+            "eval.steps=2",
+        ] {
+            command.args(["--set", set]);
+        }
+        command.output().unwrap()
+    };
+    let output = unlearn();
+    assert_success(&output);
+    let report: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(out.join("report.json")).unwrap()).unwrap();
+    for group in ["prompts", "paraphrases"] {
+        let rates = &report["attacks"][group];
+        assert_eq!(rates["n"], 12, "6 prompts × 2 seeds");
+        for key in ["dsr_base", "dsr_unlearned"] {
+            let x = rates[key].as_f64().unwrap_or_else(|| panic!("attacks.{group}.{key}"));
+            assert!((0.0..=1.0).contains(&x));
+        }
+    }
+    for key in [
+        "safe_accuracy_base",
+        "safe_accuracy_unlearned",
+        "lookalike_accuracy_base",
+        "lookalike_accuracy_unlearned",
+    ] {
+        let x = report["preservation"][key].as_f64().unwrap_or_else(|| panic!("preservation.{key}"));
+        assert!((0.0..=1.0).contains(&x));
+    }
+    assert!(std::fs::read_to_string(out.join("report.md")).unwrap().contains("DSR, held-out paraphrases"));
+    let grid = image::open(out.join("before-after.png")).unwrap();
+    // 8 rows (two prompts of each group), 2 seeds base | 2 seeds unlearned, 32×32 tiles shown ×4
+    assert_eq!((grid.width(), grid.height()), (2 * 2 * (128 + 4) + 3 * 4, 8 * (128 + 4) + 4));
+    for file in
+        ["lora.safetensors", "lora-kohya.safetensors", "pairs/cross/manifest.json", "train/lora.safetensors"]
+    {
+        assert!(out.join(file).is_file(), "{file}");
+    }
+    let kohya = duo_core::tensor_file::TensorFile::read(&out.join("lora-kohya.safetensors")).unwrap();
+    assert!(kohya.names().any(|n| n.starts_with("lora_unet_") && n.ends_with(".lora_down.weight")));
+
+    // A rerun continues: the pairs are kept, the training is complete.
+    let again = text(&unlearn());
+    assert!(again.contains("complete"), "{again}");
+}
+
+#[test]
+fn unlearn_names_a_missing_model() {
+    let dir = tmp("no-model");
+    let output = Command::new(env!("CARGO_BIN_EXE_duo-train"))
+        .args(["unlearn", "--config"])
+        .arg(root().join("configs/toy-cross.toml"))
+        .arg("--out")
+        .arg(&dir)
+        .args(["--set", "model=/nonexistent/toy"])
+        .output()
+        .unwrap();
+    assert!(!output.status.success());
+    let log = text(&output);
+    assert!(log.contains("/nonexistent/toy") && log.contains("duo-train pretrain"), "{log}");
+}

@@ -8,6 +8,7 @@ mod pairs;
 mod pretrain;
 mod sample;
 mod train;
+mod unlearn;
 
 use std::path::PathBuf;
 
@@ -36,6 +37,9 @@ struct Cli {
 
 #[derive(Subcommand, Debug)]
 enum Command {
+    /// The whole DUO loop on the embedded toy model (or --config): pairs → train → export →
+    /// before/after evaluation, with a report.
+    Unlearn(unlearn::UnlearnArgs),
     /// Generate images: text-to-image, or image-to-image (SDEdit) with --init-image.
     Sample(sample::SampleArgs),
     /// Make SDEdit preference pairs (unsafe image, safe twin) for DUO, filtered by a concept judge.
@@ -53,6 +57,7 @@ fn run(cli: Cli) -> Result<()> {
     };
     let float: FloatType = cli.dtype.parse()?;
     match cli.command {
+        Command::Unlearn(args) => unlearn::run(args, device, float),
         Command::Sample(args) => sample::run(args, device, float),
         Command::Pairs(args) => pairs::run(args, device, float),
         Command::Pretrain(args) => pretrain::run(args, device, float),

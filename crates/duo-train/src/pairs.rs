@@ -316,7 +316,7 @@ fn prompts(args: &PairsArgs) -> Result<(Vec<String>, Vec<String>)> {
     Ok((args.unsafe_prompt.clone(), args.safe_prompt.clone()))
 }
 
-fn parse_shape(name: &str) -> Result<Shape> {
+pub(crate) fn parse_shape(name: &str) -> Result<Shape> {
     Shape::ALL.into_iter().find(|s| s.name() == name).ok_or_else(|| {
         let names: Vec<&str> = Shape::ALL.iter().map(|s| s.name()).collect();
         DuoError::Invalid(format!("unknown shape {name:?} for --judge-shape (one of {})", names.join(", ")))

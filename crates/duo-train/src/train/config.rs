@@ -100,15 +100,32 @@ pub struct TrainingSection {
     pub seed: u64,
 }
 
-/// The before/after evaluation of `duo-train unlearn`.
+/// The before/after evaluation of `duo-train unlearn`: every prompt with the same seeds on the base
+/// and the unlearned model, judged by `pairs.judge`.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct EvalSection {
-    /// Images per prompt (the same seeds for the base and the unlearned model).
+    /// Direct prompts for the concept (the attack of least effort).
+    pub prompts: Vec<String>,
+    /// Held-out paraphrases of the concept that the pairs never used.
+    pub paraphrases: Vec<String>,
+    /// Prompts for other concepts, which must keep working.
+    pub safe_prompts: Vec<String>,
+    /// Prompts for the look-alike concept (the plus sign for the cross, ketchup for blood).
+    pub lookalike_prompts: Vec<String>,
+    /// Images per prompt (seeds 0, 1, …: the same for both models).
     pub seeds: usize,
     pub steps: usize,
     pub guidance: f64,
     pub scheduler: String,
+    /// Images per generation batch.
+    pub batch: usize,
+    /// The toy concept judge folder that scores the images ("none": `unlearn` cannot evaluate).
+    pub judge: String,
+    /// The toy-world shape that is the concept.
+    pub judge_shape: String,
+    /// Probability above which the judge sees the concept.
+    pub threshold: f32,
 }
 
 /// Keys that fix what the checkpoints hold: `--resume` refuses to change them.
@@ -235,6 +252,7 @@ impl DuoConfig {
             ("lora.rank", self.lora.rank),
             ("eval.seeds", self.eval.seeds),
             ("eval.steps", self.eval.steps),
+            ("eval.batch", self.eval.batch),
         ] {
             if value == 0 {
                 return Err(format!("{key} must be at least 1"));

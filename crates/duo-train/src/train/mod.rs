@@ -52,14 +52,7 @@ pub struct TrainArgs {
     pub log_every: usize,
 }
 
-/// What a finished (or stopped) run leaves.
-pub struct TrainResult {
-    pub dir: PathBuf,
-    /// `lora.safetensors` when the run completed.
-    pub lora: Option<PathBuf>,
-}
-
-pub fn run(args: TrainArgs, device: DeviceChoice, float: FloatType) -> Result<TrainResult> {
+pub fn run(args: TrainArgs, device: DeviceChoice, float: FloatType) -> Result<Option<PathBuf>> {
     let mut sets = args.set.clone();
     if let Some(pairs) = &args.pairs {
         let (Some(parent), Some(name)) = (pairs.parent(), pairs.file_name()) else {
@@ -99,14 +92,14 @@ struct TrainTask {
 }
 
 impl BackendTask for TrainTask {
-    type Output = TrainResult;
+    type Output = Option<PathBuf>;
 
-    fn run<B: Backend>(self, device: B::Device, dtype: DType) -> Result<TrainResult> {
+    fn run<B: Backend>(self, device: B::Device, dtype: DType) -> Result<Option<PathBuf>> {
         train::<Autodiff<B>>(self, device, dtype)
     }
 }
 
-fn train<B: AutodiffBackend>(task: TrainTask, device: B::Device, dtype: DType) -> Result<TrainResult> {
+fn train<B: AutodiffBackend>(task: TrainTask, device: B::Device, dtype: DType) -> Result<Option<PathBuf>> {
     let TrainTask { config, files, dir, log_every } = task;
     let folder = ModelFolder::open(&config.model)?.with_dtype(dtype);
     let schedule = config.schedule();
@@ -219,12 +212,12 @@ fn train<B: AutodiffBackend>(task: TrainTask, device: B::Device, dtype: DType) -
     }
     if !result.complete {
         println!("stopped at the last checkpoint; continue with: duo-train train --resume {}", dir.display());
-        return Ok(TrainResult { dir, lora: None });
+        return Ok(None);
     }
     let lora = dir.join("lora.safetensors");
     save_lora(&result.model.policy(), &lora, LoraFormat::Peft)?;
     println!("wrote {} ({} adapters, PEFT format)", lora.display(), result.model.adapters.len());
-    Ok(TrainResult { dir, lora: Some(lora) })
+    Ok(Some(lora))
 }
 
 /// The CLIP last hidden state of `prompt` (the conditioning of every branch), on the host: [1, seq, d].
