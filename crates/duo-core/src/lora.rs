@@ -26,7 +26,7 @@ use rand_chacha::ChaCha8Rng;
 use rand_distr::{Distribution, Normal};
 use regex::Regex;
 
-pub use files::{LoraFormat, load_lora, load_lora_specs, save_lora};
+pub use files::{LoraFormat, load_lora, load_lora_specs, parse_lora_spec, save_lora};
 pub use paths::lora_adapters;
 use paths::{linears, linears_mut};
 

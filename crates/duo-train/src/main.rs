@@ -3,6 +3,7 @@
 // serde_json's `json!` recurses once per key: diffusers' UNet config has 50.
 #![recursion_limit = "256"]
 
+mod export;
 mod learning;
 mod pairs;
 mod pretrain;
@@ -48,6 +49,9 @@ enum Command {
     Pretrain(pretrain::PretrainArgs),
     /// Train a DUO LoRA on a pair folder (the learner: DPO on the pairs + output preservation).
     Train(train::TrainArgs),
+    /// Convert a trained LoRA (or several, summed) to a diffusers/PEFT or Kohya LoRA file, or merge it
+    /// into the base UNet.
+    Export(export::ExportArgs),
 }
 
 fn run(cli: Cli) -> Result<()> {
@@ -62,6 +66,7 @@ fn run(cli: Cli) -> Result<()> {
         Command::Pairs(args) => pairs::run(args, device, float),
         Command::Pretrain(args) => pretrain::run(args, device, float),
         Command::Train(args) => train::run(args, device, float).map(|_| ()),
+        Command::Export(args) => export::run(args, device, float),
     }
 }
 

@@ -11,7 +11,7 @@
 
 use std::collections::{BTreeMap, HashMap};
 use std::fmt;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::str::FromStr;
 
 use burn::prelude::*;
@@ -343,6 +343,23 @@ fn kohya_adapters<B: Backend>(
         .collect()
 }
 
+/// A LoRA named on a command line as `FILE[:WEIGHT]`: the file, and the weight its delta is scaled
+/// by (1 when absent). A suffix that is not a number belongs to the file name (`a:b.safetensors`).
+pub fn parse_lora_spec(spec: &str) -> Result<(PathBuf, f64)> {
+    let (file, weight) = match spec.rsplit_once(':') {
+        Some((file, w)) if !file.is_empty() => match w.parse::<f64>() {
+            Ok(weight) => (file, weight),
+            Err(_) => (spec, 1.0),
+        },
+        _ => (spec, 1.0),
+    };
+    // `f64::from_str` takes "nan" and "inf": a weight that would poison every merged weight
+    if !weight.is_finite() {
+        return Err(DuoError::Invalid(format!("LoRA `{spec}`: the weight {weight} is not a finite number")));
+    }
+    Ok((PathBuf::from(file), weight))
+}
+
 /// Loads LoRA files given on a command line as `FILE[:WEIGHT]` (weight 1 when absent), summing
 /// their deltas, as `--lora` does everywhere.
 pub fn load_lora_specs<B: Backend>(
@@ -350,14 +367,8 @@ pub fn load_lora_specs<B: Backend>(
     specs: &[String],
 ) -> Result<UNet2DConditionModel<B>> {
     for spec in specs {
-        let (file, weight) = match spec.rsplit_once(':') {
-            Some((file, w)) if !file.is_empty() => match w.parse::<f64>() {
-                Ok(weight) => (file, weight),
-                Err(_) => (spec.as_str(), 1.0),
-            },
-            _ => (spec.as_str(), 1.0),
-        };
-        unet = load_lora(unet, Path::new(file), weight)?;
+        let (file, weight) = parse_lora_spec(spec)?;
+        unet = load_lora(unet, &file, weight)?;
     }
     Ok(unet)
 }

@@ -264,7 +264,7 @@ impl DuoConfig {
                 t.steps, t.checkpoint_every
             ));
         }
-        if !(t.max_grad_norm > 0.0) {
+        if t.max_grad_norm.is_nan() || t.max_grad_norm <= 0.0 {
             return Err(format!("training.max_grad_norm = {}: must be positive", t.max_grad_norm));
         }
         if p.unsafe_prompts.is_empty() {
@@ -311,4 +311,169 @@ fn from_toml(value: toml::Value) -> Option<Value> {
         toml::Value::Datetime(_) | toml::Value::Table(_) => return None,
     };
     Some(Value::new(None, kind))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn configs() -> PathBuf {
+        PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../configs")
+    }
+
+    /// `configs/toy-cross.toml` with `edit` applied, written to a fresh temporary file.
+    fn edited_toy_config(name: &str, edit: impl Fn(String) -> String) -> PathBuf {
+        let text = std::fs::read_to_string(configs().join("toy-cross.toml")).unwrap();
+        let dir = std::env::temp_dir().join(format!("duo-config-test-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join(name);
+        std::fs::write(&path, edit(text)).unwrap();
+        path
+    }
+
+    fn load_err(path: &Path, sets: &[&str]) -> String {
+        let sets: Vec<String> = sets.iter().map(|s| s.to_string()).collect();
+        match DuoConfig::load(path, &sets) {
+            Ok(_) => panic!("{} with {sets:?} should not load", path.display()),
+            Err(e) => e.to_string(),
+        }
+    }
+
+    fn close(a: f64, b: f64) -> bool {
+        (a - b).abs() <= 1e-12 * b.abs()
+    }
+
+    /// Every DUO run config shipped loads (`toy-pretrain.toml` is `duo-train pretrain`'s schema).
+    #[test]
+    fn every_run_config_in_configs_loads() {
+        let mut loaded = Vec::new();
+        for entry in std::fs::read_dir(configs()).unwrap() {
+            let path = entry.unwrap().path();
+            let name = path.file_name().unwrap().to_string_lossy().into_owned();
+            if !name.ends_with(".toml") || name == "toy-pretrain.toml" {
+                continue;
+            }
+            if let Err(e) = DuoConfig::load(&path, &[]) {
+                panic!("{e}");
+            }
+            loaded.push(name);
+        }
+        loaded.sort();
+        println!("loaded {loaded:?}");
+        for name in ["sd14-nudity.toml", "sd14-violence-blood.toml", "toy-cross.toml"] {
+            assert!(loaded.iter().any(|n| n == name), "{name} missing from {loaded:?}");
+        }
+    }
+
+    /// duo-reference.md §1 and §3: the SD 1.4 configs hold the published runs' numbers and prompts.
+    #[test]
+    fn sd14_configs_carry_the_published_settings() {
+        let load = |name: &str| DuoConfig::load(&configs().join(name), &[]).unwrap();
+        let nudity = load("sd14-nudity.toml");
+        assert_eq!(nudity.model, PathBuf::from("models/stable-diffusion-v1-4"));
+        assert_eq!((nudity.duo.beta, nudity.pairs.count, nudity.training.steps), (500.0, 64, 1000));
+        assert_eq!(nudity.pairs.strength, 0.75);
+        assert!(
+            close(nudity.lr(), 6e-5) && close(nudity.lambda(), 5e6),
+            "{} {}",
+            nudity.lr(),
+            nudity.lambda()
+        );
+        assert_eq!(
+            nudity.pairs.unsafe_prompts,
+            ["a naked white woman, realistic photo", "a naked black woman, realistic photo"]
+        );
+        assert_eq!(
+            nudity.pairs.safe_prompts,
+            ["a dressed white woman, realistic photo", "a dressed black woman, realistic photo"]
+        );
+
+        let subject =
+            |suffix: &str| ["white", "black"].map(|c| format!("a {c} man, realistic photo{suffix}")).to_vec();
+        let violence = [
+            ("blood", subject(", bleeding"), subject(", in comfort")),
+            ("suffer", subject(", suffering"), subject(", enjoying")),
+            ("gun", subject(", with a gun"), subject(", with a peace")),
+            ("horror", vec!["horror".to_string()], vec!["comfort".to_string()]),
+        ];
+        for (name, unsafe_prompts, safe_prompts) in violence {
+            let c = load(&format!("sd14-violence-{name}.toml"));
+            assert_eq!(c.concept, format!("violence-{name}"));
+            assert_eq!((c.duo.beta, c.pairs.count, c.training.steps), (1000.0, 32, 500), "{name}");
+            assert_eq!(c.pairs.strength, 0.8, "{name}");
+            assert!(close(c.lr(), 3e-5) && close(c.lambda(), 1e7), "{name}: {} {}", c.lr(), c.lambda());
+            assert_eq!((c.pairs.unsafe_prompts, c.pairs.safe_prompts), (unsafe_prompts, safe_prompts));
+            // everything else as in the nudity run
+            assert_eq!((&c.model, &c.lora, &c.eval), (&nudity.model, &nudity.lora, &nudity.eval), "{name}");
+            assert_eq!(c.training.batch_size, nudity.training.batch_size, "{name}");
+            assert_eq!(
+                (c.pairs.steps, c.pairs.guidance, &c.pairs.scheduler, &c.pairs.judge),
+                (nudity.pairs.steps, nudity.pairs.guidance, &nudity.pairs.scheduler, &nudity.pairs.judge)
+            );
+            let (d, n) = (&c.duo, &nudity.duo);
+            assert_eq!(
+                (d.base_lr, d.base_lambda, d.beta_coupling, d.t_min, d.t_max, d.prior_timestep, &d.prompt),
+                (n.base_lr, n.base_lambda, n.beta_coupling, n.t_min, n.t_max, n.prior_timestep, &n.prompt)
+            );
+        }
+
+        let (l, d, t, p) = (&nudity.lora, &nudity.duo, &nudity.training, &nudity.pairs);
+        assert_eq!((l.rank, l.alpha, l.targets.as_str()), (32, 32.0, "self-attn"));
+        assert_eq!((d.base_lr, d.base_lambda, d.beta_coupling), (3e-4, 1e6, true));
+        assert_eq!((d.t_min, d.t_max, d.prior_timestep, d.prompt.as_str()), (0, 750, 999, ""));
+        assert_eq!((t.batch_size, t.grad_accumulation, t.max_grad_norm, t.weight_decay), (4, 1, 1.0, 1e-2));
+        assert_eq!((p.steps, p.guidance, p.scheduler.as_str(), p.judge.as_str()), (50, 7.5, "pndm", "none"));
+    }
+
+    #[test]
+    fn unknown_keys_are_errors_naming_the_key() {
+        let file =
+            edited_toy_config("unknown-key.toml", |text| text.replace("[duo]\n", "[duo]\nbetta = 3.0\n"));
+        let err = load_err(&file, &[]);
+        assert!(err.contains("unknown field `betta`") && err.contains("unknown-key.toml"), "{err}");
+
+        let toy = configs().join("toy-cross.toml");
+        let err = load_err(&toy, &["duo.betta=250"]);
+        assert!(err.contains("unknown field `betta`"), "{err}");
+        let err = load_err(&toy, &["trainig.steps=10"]);
+        assert!(err.contains("unknown field `trainig`"), "{err}");
+        let err = load_err(&toy, &["duo.beta"]);
+        assert!(err.contains("KEY=VALUE"), "{err}");
+    }
+
+    #[test]
+    fn set_overrides_keys() {
+        let toy = configs().join("toy-cross.toml");
+        let sets =
+            ["duo.beta=250", "pairs.unsafe_prompts=[\"a red cross\"]", "pairs.safe_prompts=[\"a plus\"]"];
+        let config = DuoConfig::load(&toy, &sets.map(String::from)).unwrap();
+        assert_eq!(config.duo.beta, 250.0);
+        assert!(close(config.lr(), 3e-4 * 100.0 / 250.0), "the coupling follows β: {}", config.lr());
+        assert_eq!(config.pairs.unsafe_prompts, ["a red cross"]);
+        // a value that is not TOML is a string
+        let config = DuoConfig::load(&toy, &["duo.prompt=a red cross".to_string()]).unwrap();
+        assert_eq!(config.duo.prompt, "a red cross");
+        // the rest is the file's
+        assert_eq!(config.duo.beta, 500.0);
+    }
+
+    #[test]
+    fn empty_unsafe_prompts_are_an_error() {
+        let toy = configs().join("toy-cross.toml");
+        let err = load_err(&toy, &["pairs.unsafe_prompts=[]", "pairs.safe_prompts=[]"]);
+        assert!(err.contains("pairs.unsafe_prompts is empty"), "{err}");
+
+        let file = edited_toy_config("empty-prompts.toml", |text| {
+            let lines: Vec<String> = text
+                .lines()
+                .map(|line| match line.split_once(" = ") {
+                    Some((key @ ("unsafe_prompts" | "safe_prompts"), _)) => format!("{key} = []"),
+                    _ => line.to_string(),
+                })
+                .collect();
+            lines.join("\n")
+        });
+        let err = load_err(&file, &[]);
+        assert!(err.contains("pairs.unsafe_prompts is empty") && err.contains("empty-prompts.toml"), "{err}");
+    }
 }
