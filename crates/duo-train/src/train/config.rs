@@ -404,7 +404,8 @@ mod tests {
             assert!(close(c.lr(), 3e-5) && close(c.lambda(), 1e7), "{name}: {} {}", c.lr(), c.lambda());
             assert_eq!((c.pairs.unsafe_prompts, c.pairs.safe_prompts), (unsafe_prompts, safe_prompts));
             // everything else as in the nudity run
-            assert_eq!((&c.model, &c.lora, &c.eval), (&nudity.model, &nudity.lora, &nudity.eval), "{name}");
+            assert_eq!((&c.model, &c.lora), (&nudity.model, &nudity.lora), "{name}");
+            assert_eq!(c.eval.lookalike_prompts, ["ketchup", "strawberry jam", "tomato sauce"], "{name}");
             assert_eq!(c.training.batch_size, nudity.training.batch_size, "{name}");
             assert_eq!(
                 (c.pairs.steps, c.pairs.guidance, &c.pairs.scheduler, &c.pairs.judge),

@@ -215,7 +215,7 @@ impl BatchSource {
     /// The fixed validation batch: the first `count` pairs, with draws of their own.
     fn valid_batch<B: Backend>(&self, count: usize, device: &B::Device) -> DuoBatch<B> {
         let pairs: Vec<usize> = (0..count.min(self.latents.len())).collect();
-        self.make_batch(&pairs, &mut rng_for(self.sampling.seed ^ 0x7661_6c69_64, 0), device)
+        self.make_batch(&pairs, &mut rng_for(self.sampling.seed ^ 0x76_616c_6964, 0), device)
     }
 
     fn pass_order(&self, pass: usize) -> Vec<usize> {
