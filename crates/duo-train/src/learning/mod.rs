@@ -6,6 +6,7 @@
 //! `checkpoint_every × grad_accumulation` batches (§2.3), and checkpoint `k` holds the state after
 //! `k × checkpoint_every` optimizer steps. `--resume` passes the latest `k` to `.checkpoint(k)`.
 
+mod recorder;
 pub mod renderer;
 
 use std::fmt::Display;
@@ -19,7 +20,7 @@ use burn::lr_scheduler::LrScheduler;
 use burn::module::AutodiffModule;
 use burn::optim::AdamWConfig;
 use burn::prelude::*;
-use burn::record::{DefaultRecorder, FileRecorder};
+use burn::record::FileRecorder;
 use burn::tensor::Transaction;
 use burn::tensor::backend::AutodiffBackend;
 use burn::train::checkpoint::KeepLastNCheckpoints;
@@ -36,6 +37,7 @@ use burn::train::{
 };
 use duo_core::{DuoError, Result};
 
+use recorder::AtomicRecorder;
 use renderer::LineRenderer;
 
 /// How long and how a run trains.
@@ -263,7 +265,7 @@ impl MetricLogger for ResumedMetricLogger {
 /// The newest epoch with all three checkpoint files (model, optimizer, scheduler) in `dir/checkpoint`.
 pub fn latest_checkpoint<B: Backend>(dir: &Path) -> Option<usize> {
     let checkpoints = dir.join("checkpoint");
-    let extension = <DefaultRecorder as FileRecorder<B>>::file_extension();
+    let extension = <AtomicRecorder as FileRecorder<B>>::file_extension();
     let entries = std::fs::read_dir(&checkpoints).ok()?;
     entries
         .filter_map(|e| e.ok()?.file_name().into_string().ok())
@@ -326,7 +328,7 @@ impl Stage<'_> {
         let optimizer =
             AdamWConfig::new().with_weight_decay(s.weight_decay as f32).with_epsilon(1e-8).init::<B, M>();
         let mut training = SupervisedTraining::new(&self.dir, train, valid)
-            .with_file_checkpointer(DefaultRecorder::new())
+            .with_file_checkpointer(AtomicRecorder)
             .with_checkpointing_strategy(KeepLastNCheckpoints::new(2))
             .num_epochs(epochs)
             .with_interrupter(self.control.interrupter.clone())
