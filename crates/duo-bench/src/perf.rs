@@ -2,6 +2,8 @@
 //! a model config on a device, with random weights (only the configs are needed), side by side with
 //! the PyTorch reference (`tests/perf/reference.py`) when `--compare` is given.
 
+mod duo_step;
+
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
@@ -42,6 +44,11 @@ pub struct PerfArgs {
     /// Write the figures as JSON here.
     #[arg(long)]
     pub json: Option<PathBuf>,
+    /// Time one DUO training step instead: `--batch` pairs, so the UNet runs on 3×batch inputs
+    /// ([x⁻ ; x⁺ ; ε]) with LoRA (rank 32, self-attention) through the policy and, adapters off and
+    /// without a graph, the reference; then the loss, backward, global clipping and AdamW.
+    #[arg(long)]
+    pub duo_step: bool,
 }
 
 #[derive(Serialize, Debug, Default, Clone)]
@@ -64,6 +71,9 @@ pub struct PerfReport {
 }
 
 pub fn run(args: PerfArgs, device: DeviceChoice, float: FloatType) -> Result<()> {
+    if args.duo_step {
+        return duo_step::run(&args, device, float);
+    }
     let ours = dispatch(device, float, PerfTask { args: args.clone(), device })?;
     print_report(&ours);
     let mut reports = vec![ours.clone()];
@@ -172,7 +182,7 @@ impl BackendTask for PerfTask {
     }
 }
 
-fn dtype_of(dtype: DType) -> burn::tensor::FloatDType {
+pub(crate) fn dtype_of(dtype: DType) -> burn::tensor::FloatDType {
     match dtype {
         DType::F16 => burn::tensor::FloatDType::F16,
         DType::BF16 => burn::tensor::FloatDType::BF16,
@@ -213,7 +223,7 @@ fn sampling_throughput<B: Backend>(
 }
 
 /// Mean wall time of `iters` runs after one warm-up run (which also autotunes GPU kernels).
-fn time_ms<B: Backend>(device: &B::Device, iters: usize, mut f: impl FnMut()) -> f64 {
+pub(crate) fn time_ms<B: Backend>(device: &B::Device, iters: usize, mut f: impl FnMut()) -> f64 {
     f();
     let _ = B::sync(device);
     let start = Instant::now();
@@ -225,42 +235,57 @@ fn time_ms<B: Backend>(device: &B::Device, iters: usize, mut f: impl FnMut()) ->
 }
 
 /// Linux: writing "5" to clear_refs resets the peak resident set size (VmHWM).
-fn reset_peak_rss() {
+pub(crate) fn reset_peak_rss() {
     let _ = std::fs::write("/proc/self/clear_refs", "5");
 }
 
-fn peak_rss_mib() -> Option<f64> {
+pub(crate) fn peak_rss_mib() -> Option<f64> {
     let status = std::fs::read_to_string("/proc/self/status").ok()?;
     let line = status.lines().find(|l| l.starts_with("VmHWM:"))?;
     let kib: f64 = line.split_whitespace().nth(1)?.parse().ok()?;
     Some(kib / 1024.0)
 }
 
-/// Runs `tests/perf/reference.py` (PyTorch + diffusers) with the same settings and reads its JSON.
-fn run_reference(args: &PerfArgs, device: DeviceChoice, float: FloatType) -> Result<PerfReport> {
+/// Runs `tests/perf/reference.py` (PyTorch + diffusers [+ peft]) with the same settings and reads
+/// its JSON.
+pub(crate) fn reference_json(
+    args: &PerfArgs,
+    device: DeviceChoice,
+    float: FloatType,
+) -> Result<(serde_json::Value, String)> {
     let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../tests/perf/reference.py");
     let torch_device = match device {
         DeviceChoice::Cuda(i) => format!("cuda:{i}"),
         _ => "cpu".to_string(),
     };
     let out = std::env::temp_dir().join(format!("duo-perf-reference-{}.json", std::process::id()));
-    let status = std::process::Command::new(&args.python)
+    let mut command = std::process::Command::new(&args.python);
+    command
         .arg(&script)
         .args(["--model", &args.model.display().to_string()])
         .args(["--batch", &args.batch.to_string(), "--latent-size", &args.latent_size.to_string()])
         .args(["--iters", &args.iters.to_string(), "--sample-steps", &args.sample_steps.to_string()])
         .args(["--device", &torch_device, "--dtype", &format!("{float:?}").to_lowercase()])
-        .args(["--out", &out.display().to_string()])
+        .args(["--out", &out.display().to_string()]);
+    if args.duo_step {
+        command.arg("--duo-step");
+    }
+    let status = command
         .status()
         .map_err(|e| DuoError::Invalid(format!("could not run {} {}: {e}", args.python, script.display())))?;
     if !status.success() {
         return Err(DuoError::Invalid(format!(
-            "the PyTorch reference failed ({status}); is torch + diffusers installed for `{}`? (see shared docs: offline-assets)",
+            "the PyTorch reference failed ({status}); is torch + diffusers (+ peft for --duo-step) installed for `{}`? (see shared docs: offline-assets)",
             args.python
         )));
     }
     let report: serde_json::Value = duo_core::error::read_json(&out)?;
     let _ = std::fs::remove_file(&out);
+    Ok((report, torch_device))
+}
+
+fn run_reference(args: &PerfArgs, device: DeviceChoice, float: FloatType) -> Result<PerfReport> {
+    let (report, torch_device) = reference_json(args, device, float)?;
     let num = |k: &str| report.get(k).and_then(|v| v.as_f64());
     Ok(PerfReport {
         implementation: report

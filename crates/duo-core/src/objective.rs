@@ -89,6 +89,31 @@ pub fn duo_loss<B: Backend>(x: DuoInputs<B>, beta: f64, lambda: f64, objective: 
     }
 }
 
+/// The DUO loss of one stacked batch: the UNet input is `[x⁻_t ; x⁺_t ; ε]` (b pairs each), so
+/// `policy` and `reference` are the two predictions [3b, c, h, w]; the targets are the loser's
+/// and the winner's [b, c, h, w]. The prior branch compares the two predictions on ε.
+pub fn duo_batch_loss<B: Backend>(
+    policy: Tensor<B, 4>,
+    reference: Tensor<B, 4>,
+    loser_target: Tensor<B, 4>,
+    winner_target: Tensor<B, 4>,
+    beta: f64,
+    lambda: f64,
+    objective: Objective,
+) -> DuoLoss<B> {
+    let b = loser_target.dims()[0];
+    let branch = |x: &Tensor<B, 4>, i: usize| x.clone().narrow(0, i * b, b);
+    let inputs = DuoInputs {
+        policy_loser: per_sample_mse(branch(&policy, 0), loser_target.clone()),
+        reference_loser: per_sample_mse(branch(&reference, 0), loser_target),
+        policy_winner: per_sample_mse(branch(&policy, 1), winner_target.clone()),
+        reference_winner: per_sample_mse(branch(&reference, 1), winner_target),
+        prior_policy: branch(&policy, 2),
+        prior_reference: branch(&reference, 2),
+    };
+    duo_loss(inputs, beta, lambda, objective)
+}
+
 /// ‖pred − target‖² averaged over C, H, W: one loss per sample [batch], in f32 whatever the
 /// activations' dtype (the authors compute their losses in fp32).
 pub fn per_sample_mse<B: Backend>(pred: Tensor<B, 4>, target: Tensor<B, 4>) -> Tensor<B, 1> {

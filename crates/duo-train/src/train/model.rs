@@ -14,7 +14,7 @@ use burn::tensor::backend::AutodiffBackend;
 use burn::train::{InferenceStep, Interrupter, TrainOutput, TrainStep};
 use duo_core::lora::{LoraAdapter, disable_lora, put_lora_adapters};
 use duo_core::models::UNet2DConditionModel;
-use duo_core::objective::{DuoInputs, DuoLoss, Objective, clip_global_grad_norm, duo_loss, per_sample_mse};
+use duo_core::objective::{DuoLoss, Objective, clip_global_grad_norm, duo_batch_loss};
 
 use super::data::DuoBatch;
 use crate::learning::StepOutput;
@@ -86,18 +86,9 @@ impl<B: Backend> DuoModel<B> {
     }
 
     fn loss(&self, batch: &DuoBatch<B>, policy: Tensor<B, 4>, reference: Tensor<B, 4>) -> DuoLoss<B> {
-        let b = batch.pairs();
-        let branch = |x: &Tensor<B, 4>, i: usize| x.clone().narrow(0, i * b, b);
-        let inputs = DuoInputs {
-            policy_loser: per_sample_mse(branch(&policy, 0), batch.loser_target.clone()),
-            reference_loser: per_sample_mse(branch(&reference, 0), batch.loser_target.clone()),
-            policy_winner: per_sample_mse(branch(&policy, 1), batch.winner_target.clone()),
-            reference_winner: per_sample_mse(branch(&reference, 1), batch.winner_target.clone()),
-            prior_policy: branch(&policy, 2),
-            prior_reference: branch(&reference, 2),
-        };
         let s = &self.settings;
-        duo_loss(inputs, s.beta, s.lambda, s.objective)
+        let (loser, winner) = (batch.loser_target.clone(), batch.winner_target.clone());
+        duo_batch_loss(policy, reference, loser, winner, s.beta, s.lambda, s.objective)
     }
 }
 

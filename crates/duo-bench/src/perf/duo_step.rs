@@ -1,0 +1,164 @@
+//! `duo-bench perf --duo-step`: the time and peak memory of one DUO training step (duo-reference.md
+//! §2) on random weights, side by side with the same step in PyTorch + diffusers + peft.
+
+use burn::backend::Autodiff;
+use burn::module::AutodiffModule;
+use burn::optim::{AdamWConfig, GradientsParams, Optimizer};
+use burn::prelude::*;
+use burn::tensor::DType;
+use duo_core::device::{BackendTask, DeviceChoice, FloatType, dispatch};
+use duo_core::lora::{LoraConfig, attach_lora, disable_lora, lora_parameter_count};
+use duo_core::models::{UNet2DConditionConfig, UNet2DConditionModel, parameter_count};
+use duo_core::objective::{Objective, clip_global_grad_norm, duo_batch_loss, effective_lambda, effective_lr};
+use duo_core::pipelines::NoiseSource;
+use duo_core::{DuoError, Result};
+use serde::Serialize;
+
+use super::{PerfArgs, dtype_of, peak_rss_mib, reference_json, reset_peak_rss, time_ms};
+
+/// The published nudity run's β; lr and λ follow from it (only the timing matters here).
+const BETA: f64 = 500.0;
+
+#[derive(Serialize, Debug, Clone)]
+pub struct DuoStepReport {
+    pub implementation: String,
+    pub device: String,
+    pub dtype: String,
+    pub model: String,
+    pub unet_parameters: usize,
+    pub lora_parameters: usize,
+    pub pairs: usize,
+    pub latent_size: usize,
+    pub duo_step_ms: f64,
+    /// The UNet's weights alone, for scale: a second (reference) copy would add as much again.
+    pub unet_weights_mib: f64,
+    /// Peak resident memory during the steps (CPU devices), in MiB.
+    pub peak_rss_mib: Option<f64>,
+    /// Peak GPU memory of the PyTorch reference on CUDA, in MiB.
+    pub peak_gpu_mib: Option<f64>,
+}
+
+pub fn run(args: &PerfArgs, device: DeviceChoice, float: FloatType) -> Result<()> {
+    let ours = dispatch(device, float, DuoStepTask { args: args.clone(), device })?;
+    print(&ours);
+    let mut reports = vec![ours.clone()];
+    if args.compare {
+        let (json, torch_device) = reference_json(args, device, float)?;
+        let num = |k: &str| json.get(k).and_then(|v| v.as_f64());
+        let reference = DuoStepReport {
+            implementation: json.get("implementation").and_then(|v| v.as_str()).unwrap_or("PyTorch").into(),
+            device: torch_device,
+            dtype: format!("{float:?}"),
+            model: args.model.display().to_string(),
+            unet_parameters: num("unet_parameters").unwrap_or(0.0) as usize,
+            lora_parameters: num("lora_parameters").unwrap_or(0.0) as usize,
+            pairs: args.batch,
+            latent_size: args.latent_size,
+            duo_step_ms: num("duo_step_ms").unwrap_or(f64::NAN),
+            unet_weights_mib: ours.unet_weights_mib,
+            peak_rss_mib: num("peak_rss_mib"),
+            peak_gpu_mib: num("peak_gpu_mib"),
+        };
+        print(&reference);
+        println!("ratio (ours / PyTorch time): DUO step {:.2}×", ours.duo_step_ms / reference.duo_step_ms);
+        reports.push(reference);
+    }
+    if let Some(path) = &args.json {
+        let text = serde_json::to_string_pretty(&reports).map_err(|e| DuoError::Invalid(e.to_string()))?;
+        duo_core::fsutil::write_atomic(path, text.as_bytes())?;
+    }
+    Ok(())
+}
+
+fn print(r: &DuoStepReport) {
+    println!(
+        "{} on {} ({}), {} ({:.1} M UNet params, {:.2} M LoRA), {} pairs, latents {}²:",
+        r.implementation,
+        r.device,
+        r.dtype,
+        r.model,
+        r.unet_parameters as f64 / 1e6,
+        r.lora_parameters as f64 / 1e6,
+        r.pairs,
+        r.latent_size
+    );
+    println!("  DUO step               {:>10.1} ms", r.duo_step_ms);
+    if let Some(m) = r.peak_rss_mib {
+        println!("  peak RSS               {:>10.0} MiB (UNet weights {:.0} MiB)", m, r.unet_weights_mib);
+    }
+    if let Some(m) = r.peak_gpu_mib {
+        println!("  peak GPU memory        {:>10.0} MiB", m);
+    }
+}
+
+struct DuoStepTask {
+    args: PerfArgs,
+    device: DeviceChoice,
+}
+
+impl BackendTask for DuoStepTask {
+    type Output = DuoStepReport;
+
+    fn run<B: Backend>(self, device: B::Device, dtype: DType) -> Result<DuoStepReport> {
+        let args = &self.args;
+        if args.batch == 0 {
+            return Err(DuoError::Invalid("--batch (pairs per DUO step) must be at least 1".into()));
+        }
+        let unet_path = args.model.join("unet/config.json");
+        let layout = UNet2DConditionConfig::from_file(&unet_path)?.layout(&unet_path)?;
+        let config = &layout.config;
+        let (b, s, c, d) = (args.batch, args.latent_size, config.in_channels, config.cross_attention_dim);
+        reset_peak_rss();
+        let unet = attach_lora(layout.init::<Autodiff<B>>(&device), &LoraConfig::default(), &device)?;
+        let lora_parameters = lora_parameter_count(&unet);
+        let unet_parameters = parameter_count(&unet) - lora_parameters;
+        let mut optim = AdamWConfig::new()
+            .with_weight_decay(1e-2)
+            .with_epsilon(1e-8)
+            .init::<Autodiff<B>, UNet2DConditionModel<Autodiff<B>>>();
+        let lr = effective_lr(3e-4, BETA, true);
+        let lambda = effective_lambda(1e6, BETA);
+        let mut noise = NoiseSource::new(0);
+        let mut unet = Some(unet);
+        let float = dtype_of(dtype);
+        let duo_step_ms = time_ms::<B>(&device, args.iters, || {
+            let policy = unet.take().expect("put back after every step");
+            let input = noise.normal::<Autodiff<B>, 4>([3 * b, c, s, s], &device).cast(float);
+            let t = Tensor::<Autodiff<B>, 1>::from_data(
+                TensorData::new([250.0f32, 500.0, 999.0].repeat(b), [3 * b]),
+                &device,
+            );
+            let context = noise.normal::<Autodiff<B>, 3>([3 * b, 77, d], &device).cast(float);
+            let loser = noise.normal::<Autodiff<B>, 4>([b, c, s, s], &device);
+            let winner = noise.normal::<Autodiff<B>, 4>([b, c, s, s], &device);
+            let reference = {
+                let _off = disable_lora(&policy);
+                policy.valid()
+            };
+            let eps_reference = Tensor::from_inner(reference.forward(
+                input.clone().inner(),
+                t.clone().inner(),
+                context.clone().inner(),
+            ));
+            let eps_policy = policy.forward(input, t, context);
+            let loss = duo_batch_loss(eps_policy, eps_reference, loser, winner, BETA, lambda, Objective::Duo);
+            let grads = GradientsParams::from_grads(loss.loss.backward(), &policy);
+            let (grads, _) = clip_global_grad_norm(&policy, grads, 1.0);
+            unet = Some(optim.step(lr, policy, grads));
+        });
+        Ok(DuoStepReport {
+            implementation: "duo (Burn 0.21)".into(),
+            device: self.device.to_string(),
+            dtype: format!("{dtype:?}"),
+            model: args.model.display().to_string(),
+            unet_parameters,
+            lora_parameters,
+            pairs: b,
+            latent_size: s,
+            duo_step_ms,
+            unet_weights_mib: unet_parameters as f64 * dtype.size() as f64 / (1u64 << 20) as f64,
+            peak_rss_mib: peak_rss_mib(),
+            peak_gpu_mib: None,
+        })
+    }
+}
