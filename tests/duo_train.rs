@@ -162,6 +162,7 @@ fn ctrl_c_stops_at_the_next_checkpoint_and_the_run_resumes() {
     let log = text(&output);
     assert!(log.contains("stopped at the last checkpoint"), "{log}");
     assert!(!run.join("lora.safetensors").exists(), "a stopped run has not finished");
+    assert!(run.join("lora-at-stop.safetensors").is_file(), "the adapters at the stop are kept");
     let checkpoints: Vec<_> = std::fs::read_dir(run.join("checkpoint")).unwrap().collect();
     assert!(!checkpoints.is_empty(), "the stop saved a checkpoint");
     assert_success(&resume(&run, &["training.steps=20"]));

@@ -211,7 +211,15 @@ fn train<B: AutodiffBackend>(task: TrainTask, device: B::Device, dtype: DType) -
         )));
     }
     if !result.complete {
-        println!("stopped at the last checkpoint; continue with: duo-train train --resume {}", dir.display());
+        // A stop between checkpoints (the TUI's stop, a second Ctrl-C) loses those steps for
+        // --resume, but not the adapters: they are usable as they are.
+        let at_stop = dir.join("lora-at-stop.safetensors");
+        save_lora(&result.model.policy(), &at_stop, LoraFormat::Peft)?;
+        println!(
+            "stopped at the last checkpoint; continue with: duo-train train --resume {} (the adapters at the stop: {})",
+            dir.display(),
+            at_stop.display()
+        );
         return Ok(None);
     }
     let lora = dir.join("lora.safetensors");
