@@ -1,5 +1,5 @@
-//! `duo-bench` end to end: the forward and tokenize entry points that outside scripts call, and the
-//! quality gates.
+//! `duo-bench` end to end: the forward and tokenize entry points that outside scripts call, the
+//! quality gates, and retraining the concept judge.
 
 use std::path::PathBuf;
 use std::process::Command;
@@ -224,5 +224,98 @@ fn quality_writes_figures_gates_and_grid() {
     assert_eq!(report["grid_rows"].as_array().unwrap().len(), 10);
     assert_eq!(png_size(&out.join("grid.png")), (2 * 128 + 2, 10 * 128 + 9 * 2));
     let _ = std::fs::remove_dir_all(&model);
+    let _ = std::fs::remove_dir_all(&out);
+}
+
+/// A fresh, absent path for a judge-train `--out`.
+fn fresh_out(name: &str) -> PathBuf {
+    let out = tmp(name);
+    let _ = std::fs::remove_dir_all(&out);
+    out
+}
+
+/// `duo-bench --device cpu judge-train` with a few steps and a small evaluation, so it takes seconds.
+fn judge_train(out: &std::path::Path, extra: &[&str]) -> std::process::Output {
+    bench()
+        .args(["--device", "cpu", "judge-train", "--steps", "5", "--n-eval", "64", "--out"])
+        .arg(out)
+        .args(extra)
+        .output()
+        .unwrap()
+}
+
+#[test]
+fn judge_train_writes_a_loadable_judge_and_its_metrics() {
+    let out = fresh_out("judge-train");
+    let output = judge_train(&out, &[]);
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    assert!(output.status.success(), "{stdout}\n{}", String::from_utf8_lossy(&output.stderr));
+    // progress lines (no terminal here), then the accuracy table
+    assert!(stdout.contains("step     5/5  loss"), "{stdout}");
+    for row in ["clean", "training augmentation", "stress augmentation"] {
+        assert!(stdout.contains(row), "{row} missing from:\n{stdout}");
+    }
+
+    let judge =
+        duo_core::judge::ConceptJudge::<burn::backend::Flex>::load(&out, &Default::default()).unwrap();
+    assert_eq!(judge.config(), &duo_core::judge::JudgeConfig::default());
+    let metrics: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(out.join("metrics.json")).unwrap()).unwrap();
+    let accuracies = ["shape_accuracy", "colour_accuracy", "background_accuracy"];
+    for key in accuracies {
+        let value = metrics[key].as_f64().unwrap_or_else(|| panic!("{key}: {}", metrics[key]));
+        assert!((0.0..=1.0).contains(&value), "{key} = {value}");
+        for set in ["clean", "augmented", "stress"] {
+            let value = metrics["report"][set][key].as_f64().unwrap();
+            assert!((0.0..=1.0).contains(&value), "report.{set}.{key} = {value}");
+        }
+    }
+    assert_eq!(metrics["shape_accuracy"], metrics["report"]["clean"]["shape_accuracy"]);
+    // the recipe is recorded whole: the shipped settings where no flag changed them
+    assert_eq!(
+        (metrics["config"]["steps"].as_u64(), metrics["config"]["n_eval"].as_u64()),
+        (Some(5), Some(64))
+    );
+    assert_eq!(
+        (metrics["config"]["seed"].as_u64(), metrics["config"]["batch_size"].as_u64()),
+        (Some(101), Some(64))
+    );
+    // nothing left behind but the judge
+    let mut names: Vec<String> = std::fs::read_dir(&out)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .collect();
+    names.sort();
+    assert_eq!(names, ["config.json", "metrics.json", "model.safetensors"]);
+    let _ = std::fs::remove_dir_all(&out);
+}
+
+#[test]
+fn judge_train_refuses_to_overwrite_a_judge_without_force() {
+    let out = fresh_out("judge-train-existing");
+    std::fs::create_dir_all(&out).unwrap();
+    std::fs::write(out.join("config.json"), "{}").unwrap();
+    std::fs::write(out.join("README.md"), "kept").unwrap();
+    let output = judge_train(&out, &[]);
+    assert!(!output.status.success());
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(stderr.contains(&*out.to_string_lossy()) && stderr.contains("--force"), "{stderr}");
+    // refused before training: nothing was touched
+    assert_eq!(std::fs::read_to_string(out.join("config.json")).unwrap(), "{}");
+    assert!(!out.join("model.safetensors").exists());
+
+    // with --force the judge is replaced and the other files are kept
+    let output = judge_train(&out, &["--force", "--channels", "8,16", "--batch-size", "8"]);
+    assert!(output.status.success(), "{}", String::from_utf8_lossy(&output.stderr));
+    let judge =
+        duo_core::judge::ConceptJudge::<burn::backend::Flex>::load(&out, &Default::default()).unwrap();
+    assert_eq!(judge.config().channels, [8, 16]);
+    assert_eq!(std::fs::read_to_string(out.join("README.md")).unwrap(), "kept");
+
+    // bad settings are refused with the value named, before anything is trained
+    let output = judge_train(&fresh_out("judge-train-bad"), &["--seed", "202"]);
+    assert!(!output.status.success());
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(stderr.contains("seed and eval_seed are both 202"), "{stderr}");
     let _ = std::fs::remove_dir_all(&out);
 }

@@ -9,7 +9,7 @@ use duo_core::tensor_file::{TensorFile, write_tensor_file};
 use duo_core::tokenizer::ClipTokenizer;
 use duo_core::{DuoError, ModelFolder, Result};
 
-use crate::{perf, quality};
+use crate::{judge_train, perf, quality};
 
 #[derive(Parser, Debug)]
 #[command(
@@ -66,6 +66,10 @@ pub enum Command {
     /// Issue 3's quality gates: shape/colour accuracy, cross and plus rates and unconditional coverage
     /// of a toy-world model, read by the concept judge. Writes quality.json and grid.png.
     Quality(quality::QualityArgs),
+    /// Retrain the toy-world concept judge with the shipped recipe (every setting defaults to the one
+    /// that produced models/judge), evaluate it on held-out renders and write config.json,
+    /// model.safetensors and metrics.json into --out.
+    JudgeTrain(judge_train::JudgeTrainArgs),
 }
 
 pub fn run(cli: Cli) -> Result<()> {
@@ -83,6 +87,7 @@ pub fn run(cli: Cli) -> Result<()> {
         Command::Tokenize { model, prompts, out } => tokenize(&model, &prompts, &out),
         Command::Perf(args) => perf::run(args, device, float),
         Command::Quality(args) => quality::run(args, device, float),
+        Command::JudgeTrain(args) => judge_train::run(args, device, float),
     }
 }
 

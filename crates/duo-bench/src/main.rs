@@ -1,8 +1,9 @@
 //! `duo-bench`: red-team attacks, judges, metrics, reports and the performance harness.
 //! So far: the parity entry points that outside scripts call, the performance harness and the
-//! quality gates of a toy-world model.
+//! quality gates of a toy-world model, and retraining its concept judge.
 
 mod cli;
+mod judge_train;
 mod perf;
 mod quality;
 

@@ -31,9 +31,9 @@ use crate::world::{Background, Colour, Shape};
 pub const CONFIG_FILE: &str = "config.json";
 pub const WEIGHTS_FILE: &str = "model.safetensors";
 
-/// Quoted when a judge file is missing: the shipped judge is produced by an ignored test.
+/// Quoted when a judge file is missing: the shipped judge is produced by `duo-bench judge-train`.
 pub const RECREATE_HINT: &str = "recreate the shipped judge with \
-     `cargo test -p duo-core --test judge -- --ignored --nocapture train_shipped_judge` (writes models/judge/)";
+     `cargo run -p duo-bench -- judge-train --out models/judge --force` (the shipped recipe)";
 
 /// What the judge sees in one image.
 #[derive(Debug, Clone, Copy, PartialEq, Serialize)]
