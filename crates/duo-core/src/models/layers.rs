@@ -36,10 +36,13 @@ impl<B: Backend> Linear<B> {
     }
 
     pub fn forward<const D: usize>(&self, x: Tensor<B, D>) -> Tensor<B, D> {
+        // Weight before bias: lazy params draw their random init at first read, and this order is
+        // what the shipped judge was trained with (`duo-bench judge-train` reproduces it).
+        let weight = self.weight.val();
         let bias = self.bias.as_ref().map(Param::val);
         match self.lora.as_ref().filter(|lora| lora.is_enabled()) {
-            Some(lora) => burn::tensor::module::linear(x.clone(), self.weight.val(), bias) + lora.forward(x),
-            None => burn::tensor::module::linear(x, self.weight.val(), bias),
+            Some(lora) => burn::tensor::module::linear(x.clone(), weight, bias) + lora.forward(x),
+            None => burn::tensor::module::linear(x, weight, bias),
         }
     }
 }
