@@ -223,6 +223,31 @@ fn quality_writes_figures_gates_and_grid() {
     // grid: 10 rows (6 shapes, 3 held-out crosses, unconditional) × 2 seeds of 128² tiles, 2 px gaps
     assert_eq!(report["grid_rows"].as_array().unwrap().len(), 10);
     assert_eq!(png_size(&out.join("grid.png")), (2 * 128 + 2, 10 * 128 + 9 * 2));
+    assert_eq!(report["settings"]["lora"], serde_json::json!([]));
+
+    // a LoRA to apply is read before anything is generated; a missing one is named
+    let output = bench()
+        .args([
+            "--device",
+            "cpu",
+            "quality",
+            "--seeds",
+            "1",
+            "--steps",
+            "1",
+            "--lora",
+            "/nowhere/duo.safetensors",
+        ])
+        .arg("--model")
+        .arg(&model)
+        .arg("--judge")
+        .arg(root().join("models/judge"))
+        .arg("--out")
+        .arg(&out)
+        .output()
+        .unwrap();
+    assert!(!output.status.success());
+    assert!(String::from_utf8_lossy(&output.stderr).contains("/nowhere/duo.safetensors"));
     let _ = std::fs::remove_dir_all(&model);
     let _ = std::fs::remove_dir_all(&out);
 }

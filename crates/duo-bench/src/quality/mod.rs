@@ -52,6 +52,10 @@ pub struct QualityArgs {
     /// Folder for quality.json and grid.png.
     #[arg(long)]
     pub out: PathBuf,
+    /// LoRA weights FILE[:WEIGHT] applied to the UNet (repeatable; their deltas add up), e.g. to
+    /// measure what an unlearning LoRA left of the model.
+    #[arg(long)]
+    pub lora: Vec<String>,
 }
 
 /// The pipeline runs without classifier-free guidance at a scale ≤ 1 (only the prompt's own
@@ -90,7 +94,8 @@ impl BackendTask for QualityTask {
     fn run<B: Backend>(self, device: B::Device, dtype: DType) -> Result<()> {
         let args = &self.args;
         let judge = ConceptJudge::<B>::load(&args.judge, &device)?;
-        let sd = StableDiffusion::<B>::load(&ModelFolder::open(&args.model)?.with_dtype(dtype), &device)?;
+        let mut sd = StableDiffusion::<B>::load(&ModelFolder::open(&args.model)?.with_dtype(dtype), &device)?;
+        sd.unet = duo_core::lora::load_lora_specs(sd.unet, &args.lora)?;
         let side = latent_side(&sd, args, judge.config().resolution)?;
         let scheduler = Scheduler::new(self.scheduler, &sd.scheduler_config, args.steps)?;
 
@@ -116,6 +121,7 @@ impl BackendTask for QualityTask {
             settings: Settings {
                 model: args.model.display().to_string(),
                 judge: args.judge.display().to_string(),
+                lora: args.lora.clone(),
                 seeds: args.seeds,
                 steps: args.steps,
                 guidance: args.guidance,

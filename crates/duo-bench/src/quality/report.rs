@@ -12,6 +12,8 @@ use super::tally::{Gates, Metrics};
 pub struct Settings {
     pub model: String,
     pub judge: String,
+    /// LoRA files applied to the UNet, FILE[:WEIGHT].
+    pub lora: Vec<String>,
     pub seeds: usize,
     pub steps: usize,
     pub guidance: f64,
