@@ -156,6 +156,17 @@ fn a_tiny_run_lowers_the_loss_and_exports_a_loadable_folder() {
     let resumed = std::fs::read_to_string(run_dir.join("config.toml")).unwrap();
     assert!(resumed.contains("steps = 16"), "the effective config records the override");
 
+    // --snapshot exports the latest diffusion checkpoint's EMA without training.
+    let snapshot = dir.join("snapshot");
+    let mut command = resume(&run_dir, &[]);
+    command.arg("--snapshot").arg("--out").arg(&snapshot);
+    let stdout = run_ok(command);
+    assert!(stdout.contains("[diffusion] snapshot of checkpoint 4 (step 16)"), "{stdout}");
+    assert!(!stdout.contains("[diffusion] step"), "no training: {stdout}");
+    assert!(run_dir.join("samples-snapshot.png").is_file());
+    let exported = |dir: &Path| std::fs::read(dir.join("unet/diffusion_pytorch_model.safetensors")).unwrap();
+    assert!(exported(&snapshot) == exported(&out), "the finished run's EMA, as its own export");
+
     // Resuming cannot change what the checkpoints fix.
     let output = resume(&run_dir, &["unet.layers_per_block=2"]).output().unwrap();
     assert!(!output.status.success());

@@ -37,7 +37,7 @@ use burn::train::{
 };
 use duo_core::{DuoError, Result};
 
-use recorder::AtomicRecorder;
+pub use recorder::AtomicRecorder;
 use renderer::LineRenderer;
 
 /// How long and how a run trains.

@@ -11,14 +11,14 @@ use burn::optim::{GradientsParams, Optimizer};
 use burn::prelude::*;
 use burn::tensor::backend::AutodiffBackend;
 use burn::train::{InferenceStep, TrainOutput, TrainStep};
-use duo_core::Result;
 use duo_core::models::{AutoencoderKL, ClipTextModel, UNet2DConditionModel};
 use duo_core::schedulers::NoiseSchedule;
 use duo_core::tokenizer::ClipTokenizer;
+use duo_core::{DuoError, Result};
 
 use super::data::{DiffusionBatch, DiffusionBatcher, TrainBatcher, WorldDataset};
 use super::{Run, sampler_seed};
-use crate::learning::{Stage, StepOutput, latest_checkpoint};
+use crate::learning::{AtomicRecorder, Stage, StepOutput, latest_checkpoint};
 
 /// The EMA of the trained weights. Its params have their own ids and never require a gradient, so
 /// the optimizer leaves them alone; they are in the model's record, so checkpoints keep them.
@@ -228,6 +228,26 @@ pub fn train<B: AutodiffBackend>(
         return Ok(None);
     }
     Ok(Some(result.model.ema))
+}
+
+/// The EMA weights of the latest diffusion checkpoint, without training.
+pub fn latest_ema<B: AutodiffBackend>(run: &Run<B::InnerBackend>) -> Result<EmaWeights<B::InnerBackend>> {
+    let dir = run.dir.join("diffusion");
+    let Some(epoch) = latest_checkpoint::<B>(&dir) else {
+        return Err(DuoError::Invalid(format!("{}: no diffusion checkpoint yet", dir.display())));
+    };
+    let c = &run.config.diffusion_training;
+    let model = DiffusionModel::<B::InnerBackend>::new(
+        run.configs.text_encoder.init(&run.device),
+        run.configs.unet.init(&run.device),
+        c.ema_decay,
+    );
+    let path = dir.join("checkpoint").join(format!("model-{epoch}"));
+    let model = model
+        .load_file(&path, &AtomicRecorder, &run.device)
+        .map_err(|e| DuoError::Invalid(format!("{}.mpk: {e}", path.display())))?;
+    println!("[diffusion] snapshot of checkpoint {epoch} (step {})", epoch * c.checkpoint_every);
+    Ok(model.ema)
 }
 
 #[cfg(test)]

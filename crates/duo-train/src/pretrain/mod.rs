@@ -54,6 +54,10 @@ pub struct PretrainArgs {
     /// Without a terminal, print the metrics every this many steps.
     #[arg(long, default_value_t = 50)]
     log_every: usize,
+    /// With --resume: export the EMA weights of the latest diffusion checkpoint to --out and draw
+    /// the sample grid, without training (to look at a run that goes on elsewhere).
+    #[arg(long, requires = "resume")]
+    snapshot: bool,
 }
 
 /// What both stages read.
@@ -111,7 +115,7 @@ pub fn run(args: PretrainArgs, device: DeviceChoice, float: FloatType) -> Result
         .install()
         .map_err(|e| DuoError::Invalid(format!("{}: {e}", dir.join("experiment.log").display())))?;
     println!("run directory: {}", dir.display());
-    let task = PretrainTask { config, configs, dir, log_every: args.log_every };
+    let task = PretrainTask { config, configs, dir, log_every: args.log_every, snapshot: args.snapshot };
     dispatch(device, float, task)
 }
 
@@ -120,6 +124,7 @@ struct PretrainTask {
     configs: ModelConfigs,
     dir: PathBuf,
     log_every: usize,
+    snapshot: bool,
 }
 
 impl BackendTask for PretrainTask {
@@ -131,7 +136,7 @@ impl BackendTask for PretrainTask {
 }
 
 fn train<B: AutodiffBackend>(task: PretrainTask, device: B::Device) -> Result<()> {
-    let PretrainTask { config, configs, dir, log_every } = task;
+    let PretrainTask { config, configs, dir, log_every, snapshot } = task;
     let run = Run::<B::InnerBackend> {
         world: World::new(config.world.world_config())?,
         configs,
@@ -143,15 +148,26 @@ fn train<B: AutodiffBackend>(task: PretrainTask, device: B::Device) -> Result<()
     };
     describe_sizes(&run);
 
+    if snapshot && !vae::is_complete::<B>(&run) {
+        return Err(DuoError::Invalid(format!(
+            "{}: the VAE stage has not finished, so there is no diffusion checkpoint to export yet",
+            run.dir.display()
+        )));
+    }
     // 1. VAE
     let Some(vae) = vae::train::<B>(&run)? else { return stopped(&run.dir) };
     // 2. text encoder + UNet
-    let Some(ema) = diffusion::train::<B>(&run, vae.clone())? else { return stopped(&run.dir) };
+    let ema = if snapshot {
+        diffusion::latest_ema::<B>(&run)?
+    } else {
+        let Some(ema) = diffusion::train::<B>(&run, vae.clone())? else { return stopped(&run.dir) };
+        ema
+    };
     // 3. export, then look at it
     export::export(&run.config, Trained { vae: &vae, text_encoder: &ema.text_encoder, unet: &ema.unet })?;
     let size = export::folder_size(&run.config.out)?;
     println!("exported {} ({:.1} MB)", run.config.out.display(), size as f64 / 1e6);
-    let png = run.dir.join("samples.png");
+    let png = run.dir.join(if snapshot { "samples-snapshot.png" } else { "samples.png" });
     export::sample_grid::<B::InnerBackend>(&run.config, &run.device, &png)?;
     println!("wrote {} (rows: shapes, columns: seeds)", png.display());
     Ok(())

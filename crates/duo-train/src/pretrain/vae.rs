@@ -78,6 +78,12 @@ struct Scaling {
     scaling_factor: f64,
 }
 
+/// Whether the VAE stage has its last checkpoint (so `train` loads it rather than training).
+pub fn is_complete<B: AutodiffBackend>(run: &Run<B::InnerBackend>) -> bool {
+    let schedule = run.config.vae_training.schedule();
+    latest_checkpoint::<B>(&run.dir.join("vae")).is_some_and(|k| k >= schedule.epochs())
+}
+
 /// Trains (or resumes, or loads) the VAE. None when the run stopped before the last step.
 pub fn train<B: AutodiffBackend>(
     run: &Run<B::InnerBackend>,
