@@ -6,6 +6,7 @@
 //! `checkpoint_every × grad_accumulation` batches (§2.3), and checkpoint `k` holds the state after
 //! `k × checkpoint_every` optimizer steps. `--resume` passes the latest `k` to `.checkpoint(k)`.
 
+mod epoch_loader;
 mod recorder;
 pub mod renderer;
 
@@ -37,6 +38,7 @@ use burn::train::{
 };
 use duo_core::{DuoError, Result};
 
+pub use epoch_loader::EpochLoader;
 pub use recorder::AtomicRecorder;
 use renderer::LineRenderer;
 

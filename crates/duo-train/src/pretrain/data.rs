@@ -18,7 +18,7 @@ use rand::RngCore;
 use rand_chacha::ChaCha8Rng;
 use rand_distr::{Distribution, StandardNormal};
 
-/// Indices the training sampler draws from: far more samples than any run sees.
+/// Training items: the run takes them in order (`EpochLoader`), far more than any run sees.
 pub const TRAIN_WORLD_SIZE: usize = u32::MAX as usize;
 
 // Salts separating the streams one stage seed feeds, so that no two uses share draws.

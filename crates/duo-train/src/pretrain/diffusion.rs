@@ -5,7 +5,6 @@
 use std::sync::Arc;
 
 use burn::data::dataloader::DataLoaderBuilder;
-use burn::data::dataset::transform::{SamplerDataset, SamplerDatasetOptions};
 use burn::module::{AutodiffModule, Module, ModuleMapper, ModuleVisitor, Param, ParamId};
 use burn::optim::{GradientsParams, Optimizer};
 use burn::prelude::*;
@@ -16,9 +15,9 @@ use duo_core::schedulers::NoiseSchedule;
 use duo_core::tokenizer::ClipTokenizer;
 use duo_core::{DuoError, Result};
 
+use super::Run;
 use super::data::{DiffusionBatch, DiffusionBatcher, TrainBatcher, WorldDataset};
-use super::{Run, sampler_seed};
-use crate::learning::{AtomicRecorder, Stage, StepOutput, latest_checkpoint};
+use crate::learning::{AtomicRecorder, EpochLoader, Stage, StepOutput, latest_checkpoint};
 
 /// The EMA of the trained weights. Its params have their own ids and never require a gradient, so
 /// the optimizer leaves them alone; they are in the model's record, so checkpoints keep them.
@@ -196,23 +195,20 @@ pub fn train<B: AutodiffBackend>(
         c.ema_decay,
     );
     let resume = latest_checkpoint::<B>(&dir).unwrap_or(0);
-    let samples = SamplerDataset::new(
-        WorldDataset::train(run.world.clone(), c.seed),
-        SamplerDatasetOptions::default()
-            .with_replacement()
-            .with_fixed_size(schedule.checkpoint_every * schedule.batch_size)
-            .with_seed(sampler_seed(c.seed, resume)),
-    );
     let valid_set =
         WorldDataset::valid(run.world.clone(), c.seed, schedule.valid_batches * schedule.batch_size);
     let valid = DataLoaderBuilder::<B::InnerBackend, _, _>::new(batcher.clone())
         .batch_size(schedule.batch_size)
         .set_device(run.device.clone())
         .build(valid_set);
-    let train = DataLoaderBuilder::<B, _, _>::new(TrainBatcher::<B>(batcher))
-        .batch_size(schedule.batch_size)
-        .set_device(run.device.clone())
-        .build(samples);
+    let train = Arc::new(EpochLoader::<B, _, _>::new(
+        WorldDataset::train(run.world.clone(), c.seed),
+        TrainBatcher::<B>(batcher),
+        schedule.batch_size,
+        schedule.checkpoint_every,
+        resume,
+        run.device.clone(),
+    ));
 
     let stage = Stage {
         name: "diffusion",

@@ -71,12 +71,6 @@ pub struct Run<V: Backend> {
     pub log_every: usize,
 }
 
-/// The training sampler's seed: a resumed run draws new sample indices rather than replaying the
-/// first interval's (the loader's position is not checkpointed).
-pub fn sampler_seed(seed: u64, resumed_epoch: usize) -> u64 {
-    seed.wrapping_add((resumed_epoch as u64).wrapping_mul(0x9e37_79b9_7f4a_7c15))
-}
-
 pub fn run(args: PretrainArgs, device: DeviceChoice, float: FloatType) -> Result<()> {
     if float != FloatType::F32 {
         return Err(DuoError::Invalid(

@@ -1,10 +1,11 @@
 //! Stage 1: the VAE, trained alone on the world's images (MSE reconstruction + a small KL), then
 //! `scaling_factor` = 1/std of its latents, as SD's VAE was calibrated.
 
+use std::sync::Arc;
+
 use burn::data::dataloader::DataLoaderBuilder;
 use burn::data::dataloader::batcher::Batcher;
 use burn::data::dataset::Dataset;
-use burn::data::dataset::transform::{SamplerDataset, SamplerDatasetOptions};
 use burn::prelude::*;
 use burn::tensor::backend::AutodiffBackend;
 use burn::train::{InferenceStep, TrainOutput, TrainStep};
@@ -12,9 +13,9 @@ use duo_core::models::AutoencoderKL;
 use duo_core::{DuoError, Result};
 use serde::{Deserialize, Serialize};
 
+use super::Run;
 use super::data::{VaeBatch, VaeBatcher, WorldDataset};
-use super::{Run, sampler_seed};
-use crate::learning::{Stage, StepOutput, latest_checkpoint};
+use crate::learning::{EpochLoader, Stage, StepOutput, latest_checkpoint};
 
 /// The VAE with its loss, as burn-train's model.
 #[derive(Module, Debug)]
@@ -98,17 +99,14 @@ pub fn train<B: AutodiffBackend>(
     B::seed(&run.device, c.seed);
     let model = VaeTrainer { vae: run.configs.vae.init::<B>(&run.device), kl_weight: c.kl_weight };
     let resume = latest_checkpoint::<B>(&dir).unwrap_or(0);
-    let samples = SamplerDataset::new(
+    let train = Arc::new(EpochLoader::<B, _, _>::new(
         WorldDataset::train(run.world.clone(), c.seed),
-        SamplerDatasetOptions::default()
-            .with_replacement()
-            .with_fixed_size(schedule.checkpoint_every * schedule.batch_size)
-            .with_seed(sampler_seed(c.seed, resume)),
-    );
-    let train = DataLoaderBuilder::<B, _, _>::new(batcher.clone())
-        .batch_size(schedule.batch_size)
-        .set_device(run.device.clone())
-        .build(samples);
+        batcher.clone(),
+        schedule.batch_size,
+        schedule.checkpoint_every,
+        resume,
+        run.device.clone(),
+    ));
     let valid = DataLoaderBuilder::<B::InnerBackend, _, _>::new(batcher.clone())
         .batch_size(schedule.batch_size)
         .set_device(run.device.clone())
