@@ -287,7 +287,7 @@ fn unlearn_runs_the_whole_loop_and_writes_the_report() {
     assert!(std::fs::read_to_string(out.join("report.md")).unwrap().contains("DSR, held-out paraphrases"));
     let grid = image::open(out.join("before-after.png")).unwrap();
     // 8 rows (two prompts of each group), 2 seeds base | 2 seeds unlearned, 32×32 tiles shown ×4
-    assert_eq!((grid.width(), grid.height()), (2 * 2 * (128 + 4) + 3 * 4, 8 * (128 + 4) + 4));
+    assert_eq!((grid.width(), grid.height()), (2 * 2 * (128 + 4) + 4 + 24, 8 * (128 + 4) + 4));
     for file in
         ["lora.safetensors", "lora-kohya.safetensors", "pairs/cross/manifest.json", "train/lora.safetensors"]
     {

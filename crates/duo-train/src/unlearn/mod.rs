@@ -261,6 +261,8 @@ fn before_after_grid<B: Backend>(
 ) -> Result<()> {
     const ZOOM: u32 = 4;
     const GAP: u32 = 4;
+    // wider between the halves, so before and after read apart
+    const MIDDLE: u32 = 24;
     let columns = seeds.min(4);
     let rows: Vec<(usize, usize)> = groups
         .iter()
@@ -269,7 +271,7 @@ fn before_after_grid<B: Backend>(
         .collect();
     let [_, _, h, w] = base[0].images.dims();
     let (tile_w, tile_h) = (w as u32 * ZOOM, h as u32 * ZOOM);
-    let width = 2 * columns as u32 * (tile_w + GAP) + 3 * GAP;
+    let width = 2 * columns as u32 * (tile_w + GAP) + GAP + MIDDLE;
     let height = rows.len() as u32 * (tile_h + GAP) + GAP;
     let mut canvas = image::RgbImage::from_pixel(width, height, image::Rgb([255, 255, 255]));
     for (row, &(g, p)) in rows.iter().enumerate() {
@@ -278,8 +280,9 @@ fn before_after_grid<B: Backend>(
                 let tile = tensor_to_rgb8(&judged.images, p * seeds + s);
                 let tile =
                     image::imageops::resize(&tile, tile_w, tile_h, image::imageops::FilterType::Nearest);
-                let x =
-                    GAP + half as u32 * (columns as u32 * (tile_w + GAP) + GAP) + s as u32 * (tile_w + GAP);
+                let x = GAP
+                    + half as u32 * (columns as u32 * (tile_w + GAP) + MIDDLE)
+                    + s as u32 * (tile_w + GAP);
                 let y = GAP + row as u32 * (tile_h + GAP);
                 image::imageops::replace(&mut canvas, &tile, x as i64, y as i64);
             }
