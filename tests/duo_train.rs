@@ -316,3 +316,34 @@ fn unlearn_names_a_missing_model() {
     let log = text(&output);
     assert!(log.contains("/nonexistent/toy") && log.contains("duo-train pretrain"), "{log}");
 }
+
+/// The published runs train an f16 UNet with f32 adapters. The reference runs through the same
+/// kernels as the policy, so at the start (B = 0) the two agree exactly even in f16: L_dpo = ln 2 and
+/// the prior loss is 0, where mismatched kernels would leave an f16 rounding gap that λ = 5e6 blows up.
+#[test]
+fn an_f16_unet_trains_with_an_exact_reference() {
+    let dir = tmp("f16");
+    write_pairs(&dir.join("pairs"), 3);
+    let run = dir.join("run");
+    let mut command = Command::new(env!("CARGO_BIN_EXE_duo-train"));
+    command.args(["--device", "cpu", "--dtype", "f16", "train", "--log-every", "1000"]);
+    command.arg("--config").arg(root().join("configs/toy-cross.toml"));
+    command.arg("--set").arg(format!("model={}", root().join("tests/fixtures/models/sd1-tiny").display()));
+    command.args(["--set", "training.steps=2", "--set", "training.checkpoint_every=2"]);
+    command.arg("--pairs").arg(dir.join("pairs")).arg("--run-dir").arg(&run);
+    assert_success(&command.output().unwrap());
+    let first = |name: &str| -> f64 {
+        let log = std::fs::read_to_string(run.join(format!("train/epoch-1/{name}.log"))).unwrap();
+        log.lines().next().unwrap().split(',').next().unwrap().parse().unwrap()
+    };
+    assert!(
+        (first("dpo_loss") - std::f64::consts::LN_2).abs() < 1e-6,
+        "first DPO loss {}",
+        first("dpo_loss")
+    );
+    assert_eq!(first("prior_loss"), 0.0);
+    // the adapters stay f32 in the file
+    let lora = duo_core::tensor_file::TensorFile::read(&run.join("lora.safetensors")).unwrap();
+    let name = lora.names().next().unwrap().to_string();
+    assert_eq!(lora.get(&name).unwrap().dtype, burn::tensor::DType::F32);
+}

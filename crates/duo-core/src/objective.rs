@@ -108,8 +108,9 @@ pub fn duo_batch_loss<B: Backend>(
         reference_loser: per_sample_mse(branch(&reference, 0), loser_target),
         policy_winner: per_sample_mse(branch(&policy, 1), winner_target.clone()),
         reference_winner: per_sample_mse(branch(&reference, 1), winner_target),
-        prior_policy: branch(&policy, 2),
-        prior_reference: branch(&reference, 2),
+        // in f32, as every loss term (the authors compute their losses in fp32)
+        prior_policy: branch(&policy, 2).cast(FloatDType::F32),
+        prior_reference: branch(&reference, 2).cast(FloatDType::F32),
     };
     duo_loss(inputs, beta, lambda, objective)
 }

@@ -2,7 +2,6 @@
 //! §2) on random weights, side by side with the same step in PyTorch + diffusers + peft.
 
 use burn::backend::Autodiff;
-use burn::module::AutodiffModule;
 use burn::optim::{AdamWConfig, GradientsParams, Optimizer};
 use burn::prelude::*;
 use burn::tensor::DType;
@@ -131,15 +130,11 @@ impl BackendTask for DuoStepTask {
             let context = noise.normal::<Autodiff<B>, 3>([3 * b, 77, d], &device).cast(float);
             let loser = noise.normal::<Autodiff<B>, 4>([b, c, s, s], &device);
             let winner = noise.normal::<Autodiff<B>, 4>([b, c, s, s], &device);
-            let reference = {
+            // as the learner: the same backend and kernels as the policy, nothing tracked
+            let eps_reference = {
                 let _off = disable_lora(&policy);
-                policy.valid()
+                policy.forward(input.clone(), t.clone(), context.clone()).detach()
             };
-            let eps_reference = Tensor::from_inner(reference.forward(
-                input.clone().inner(),
-                t.clone().inner(),
-                context.clone().inner(),
-            ));
             let eps_policy = policy.forward(input, t, context);
             let loss = duo_batch_loss(eps_policy, eps_reference, loser, winner, BETA, lambda, Objective::Duo);
             let grads = GradientsParams::from_grads(loss.loss.backward(), &policy);

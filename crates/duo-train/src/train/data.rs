@@ -11,6 +11,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 
 use burn::data::dataloader::{DataLoader, DataLoaderIterator, Progress};
 use burn::prelude::*;
+use burn::tensor::{DType, FloatDType};
 use duo_core::models::AutoencoderKL;
 use duo_core::objective::Objective;
 use duo_core::pipelines::{NoiseSource, load_image};
@@ -198,6 +199,8 @@ pub struct BatchSource {
     /// The conditioning prompt's embedding: [1, seq, d].
     pub context: TensorData,
     pub schedule: NoiseSchedule,
+    /// The UNet's float type: its inputs are cast to it (the targets and losses stay f32).
+    pub unet_dtype: DType,
     pub sampling: Sampling,
 }
 
@@ -256,9 +259,15 @@ impl BatchSource {
             .map(|&t| t as f32)
             .chain(std::iter::repeat_n(s.prior_timestep as f32, b))
             .collect();
-        let context = Tensor::<B, 3>::from_data(self.context.clone(), device).repeat_dim(0, 3 * b);
+        let float = match self.unet_dtype {
+            DType::F16 => FloatDType::F16,
+            DType::BF16 => FloatDType::BF16,
+            _ => FloatDType::F32,
+        };
+        let context =
+            Tensor::<B, 3>::from_data(self.context.clone(), device).repeat_dim(0, 3 * b).cast(float);
         DuoBatch {
-            input: Tensor::cat(vec![noisy_loser, noisy_winner, noise], 0),
+            input: Tensor::cat(vec![noisy_loser, noisy_winner, noise], 0).cast(float),
             timesteps: Tensor::from_data(TensorData::new(timesteps, [3 * b]), device),
             context,
             loser_target,

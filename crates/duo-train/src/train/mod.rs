@@ -101,7 +101,8 @@ impl BackendTask for TrainTask {
 
 fn train<B: AutodiffBackend>(task: TrainTask, device: B::Device, dtype: DType) -> Result<Option<PathBuf>> {
     let TrainTask { config, files, dir, log_every } = task;
-    let folder = ModelFolder::open(&config.model)?.with_dtype(dtype);
+    // The VAE and the text encoder run once, in f32 (as the authors' VAE); `--dtype` is the UNet's.
+    let folder = ModelFolder::open(&config.model)?;
     let schedule = config.schedule();
     let d = &config.duo;
     let noise_schedule = NoiseSchedule::from_config(&SchedulerConfig::from_file(
@@ -140,7 +141,8 @@ fn train<B: AutodiffBackend>(task: TrainTask, device: B::Device, dtype: DType) -
         files.unsafe_images[0].parent().and_then(Path::parent).unwrap_or(Path::new(".")).display()
     );
 
-    let unet = attach_lora(folder.unet::<B>(&device)?, &config.lora_config()?, &device)?;
+    let unet =
+        attach_lora(folder.clone().with_dtype(dtype).unet::<B>(&device)?, &config.lora_config()?, &device)?;
     let trainable = lora_parameter_count(&unet);
     let (unet, adapters) = take_lora_adapters(unet);
     let control = StopControl::install()?;
@@ -176,6 +178,7 @@ fn train<B: AutodiffBackend>(task: TrainTask, device: B::Device, dtype: DType) -
         latents,
         context,
         schedule: noise_schedule,
+        unet_dtype: dtype,
         sampling: Sampling {
             batch_size: schedule.batch_size,
             objective: config.objective(),

@@ -2,8 +2,8 @@
 //! the only params (so the optimizer and the checkpoints hold them alone).
 //!
 //! Each step puts the adapters into a shallow copy of the UNet (params are shared, not copied): that
-//! is the policy. The reference is the same UNet with the adapters switched off, run on the inner
-//! backend (no graph): no second copy of the weights.
+//! is the policy. The reference is the same UNet with the adapters switched off, its output detached
+//! (frozen params and untracked inputs record no graph): no second copy of the weights.
 
 use std::sync::{Arc, Mutex};
 
@@ -103,15 +103,13 @@ impl<B: AutodiffBackend> TrainStep for DuoModel<B> {
 
     fn step(&self, batch: DuoBatch<B>) -> TrainOutput<StepOutput<B>> {
         let policy = self.policy();
-        let reference = {
+        // The reference runs on the same backend as the policy, so both use the same kernels (the
+        // inner backend's fused attention differs from autodiff's decomposed one by f16 rounding,
+        // which λ = 5e6 would amplify). Frozen params and untracked inputs: no graph is kept.
+        let eps_reference = {
             let _off = disable_lora(&policy);
-            policy.valid()
+            policy.forward(batch.input.clone(), batch.timesteps.clone(), batch.context.clone()).detach()
         };
-        let eps_reference = Tensor::from_inner(reference.forward(
-            batch.input.clone().inner(),
-            batch.timesteps.clone().inner(),
-            batch.context.clone().inner(),
-        ));
         let eps_policy = policy.forward(batch.input.clone(), batch.timesteps.clone(), batch.context.clone());
         let l = self.loss(&batch, eps_policy, eps_reference);
         let grads = (l.loss.clone() / self.settings.grad_accumulation as f64).backward();
