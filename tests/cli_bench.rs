@@ -4,6 +4,8 @@
 use std::path::PathBuf;
 use std::process::Command;
 
+mod common;
+
 fn root() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../..")
 }
@@ -106,20 +108,6 @@ fn unknown_device_is_refused_with_the_compiled_list() {
     assert!(stderr.contains("unknown device") && stderr.contains("cpu"), "{stderr}");
 }
 
-/// Copies a model folder (flat two levels, as diffusers folders are) so that a test can edit its configs.
-fn copy_model(from: &std::path::Path, to: &std::path::Path) {
-    for entry in std::fs::read_dir(from).unwrap() {
-        let entry = entry.unwrap();
-        let target = to.join(entry.file_name());
-        if entry.file_type().unwrap().is_dir() {
-            std::fs::create_dir_all(&target).unwrap();
-            copy_model(&entry.path(), &target);
-        } else {
-            std::fs::copy(entry.path(), &target).unwrap();
-        }
-    }
-}
-
 /// PNG width and height from the IHDR chunk (bytes 16..24, big-endian).
 fn png_size(path: &std::path::Path) -> (u32, u32) {
     let bytes = std::fs::read(path).unwrap();
@@ -169,24 +157,16 @@ fn quality_writes_figures_gates_and_grid() {
     // random, so the figures are meaningless, but every one must be computed and in range.
     let model = tmp("quality-model");
     let _ = std::fs::remove_dir_all(&model);
-    copy_model(&root().join("tests/fixtures/models/sd1-tiny"), &model);
-    let config_path = model.join("unet/config.json");
-    let mut config: serde_json::Value =
-        serde_json::from_str(&std::fs::read_to_string(&config_path).unwrap()).unwrap();
-    config["sample_size"] = serde_json::json!(16);
-    std::fs::write(&config_path, config.to_string()).unwrap();
+    common::sd1_tiny_at_judge_size(&model);
 
     let out = tmp("quality-out");
-    let output = bench()
-        .args(["--device", "cpu", "quality", "--seeds", "2", "--steps", "2", "--batch", "7"])
-        .arg("--model")
-        .arg(&model)
-        .arg("--judge")
-        .arg(root().join("models/judge"))
-        .arg("--out")
-        .arg(&out)
-        .output()
-        .unwrap();
+    let quality = |args: &[&str]| {
+        let mut command = bench();
+        command.args(["--device", "cpu", "quality"]).args(args).arg("--model").arg(&model);
+        command.arg("--judge").arg(root().join("models/judge")).arg("--out").arg(&out);
+        command.output().unwrap()
+    };
+    let output = quality(&["--seeds", "2", "--steps", "2", "--batch", "7"]);
     let stdout = String::from_utf8_lossy(&output.stdout);
     assert!(output.status.success(), "{stdout}\n{}", String::from_utf8_lossy(&output.stderr));
     // the table names every gate and the verdict
@@ -226,26 +206,7 @@ fn quality_writes_figures_gates_and_grid() {
     assert_eq!(report["settings"]["lora"], serde_json::json!([]));
 
     // a LoRA to apply is read before anything is generated; a missing one is named
-    let output = bench()
-        .args([
-            "--device",
-            "cpu",
-            "quality",
-            "--seeds",
-            "1",
-            "--steps",
-            "1",
-            "--lora",
-            "/nowhere/duo.safetensors",
-        ])
-        .arg("--model")
-        .arg(&model)
-        .arg("--judge")
-        .arg(root().join("models/judge"))
-        .arg("--out")
-        .arg(&out)
-        .output()
-        .unwrap();
+    let output = quality(&["--seeds", "1", "--steps", "1", "--lora", "/nowhere/duo.safetensors"]);
     assert!(!output.status.success());
     assert!(String::from_utf8_lossy(&output.stderr).contains("/nowhere/duo.safetensors"));
     let _ = std::fs::remove_dir_all(&model);

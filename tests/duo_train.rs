@@ -4,6 +4,8 @@
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};
 
+mod common;
+
 fn root() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../..")
 }
@@ -34,7 +36,8 @@ fn write_pairs(dir: &Path, n: usize) {
     }
 }
 
-fn train(run_dir: &Path, pairs: &Path, sets: &[&str]) -> Output {
+/// `duo-train train` on the tiny fixture model with the toy config, `sets` on top.
+fn train_command(run_dir: &Path, pairs: &Path, sets: &[&str]) -> Command {
     let mut command = Command::new(env!("CARGO_BIN_EXE_duo-train"));
     command.args(["--device", "cpu", "train", "--log-every", "1000"]);
     command.arg("--set").arg(format!("model={}", root().join("tests/fixtures/models/sd1-tiny").display()));
@@ -43,7 +46,11 @@ fn train(run_dir: &Path, pairs: &Path, sets: &[&str]) -> Output {
     for set in sets {
         command.args(["--set", set]);
     }
-    command.output().unwrap()
+    command
+}
+
+fn train(run_dir: &Path, pairs: &Path, sets: &[&str]) -> Output {
+    train_command(run_dir, pairs, sets).output().unwrap()
 }
 
 fn resume(run_dir: &Path, sets: &[&str]) -> Output {
@@ -142,12 +149,8 @@ fn ctrl_c_stops_at_the_next_checkpoint_and_the_run_resumes() {
     let dir = tmp("ctrl-c");
     write_pairs(&dir.join("pairs"), 3);
     let run = dir.join("run");
-    let mut command = Command::new(env!("CARGO_BIN_EXE_duo-train"));
-    command.args(["--device", "cpu", "train", "--log-every", "1"]);
-    command.arg("--config").arg(root().join("configs/toy-cross.toml"));
-    command.arg("--set").arg(format!("model={}", root().join("tests/fixtures/models/sd1-tiny").display()));
-    command.args(["--set", "training.steps=400", "--set", "training.checkpoint_every=5"]);
-    command.arg("--pairs").arg(dir.join("pairs")).arg("--run-dir").arg(&run);
+    let mut command =
+        train_command(&run, &dir.join("pairs"), &["training.steps=400", "training.checkpoint_every=5"]);
     let child = command.stdout(Stdio::piped()).stderr(Stdio::piped()).spawn().unwrap();
     // wait for training to be under way, then send SIGINT as a terminal's Ctrl-C would
     let start = std::time::Instant::now();
@@ -217,30 +220,11 @@ fn bad_pair_folders_and_configs_are_clear_errors() {
     expect_error(train(&dir.join("r7"), &pairs, &[]), "02.png");
 }
 
-/// sd1-tiny with `sample_size` 16: 32×32 images, the toy judge's size.
-fn tiny_model_at_judge_size(dir: &Path) -> PathBuf {
-    let source = root().join("tests/fixtures/models/sd1-tiny");
-    let target = dir.join("sd1-tiny-32");
-    for component in ["scheduler", "text_encoder", "tokenizer", "unet", "vae"] {
-        std::fs::create_dir_all(target.join(component)).unwrap();
-        for entry in std::fs::read_dir(source.join(component)).unwrap() {
-            let path = entry.unwrap().path();
-            std::fs::copy(&path, target.join(component).join(path.file_name().unwrap())).unwrap();
-        }
-    }
-    std::fs::copy(source.join("model_index.json"), target.join("model_index.json")).unwrap();
-    let config_path = target.join("unet/config.json");
-    let mut config: serde_json::Value =
-        serde_json::from_str(&std::fs::read_to_string(&config_path).unwrap()).unwrap();
-    config["sample_size"] = serde_json::json!(16);
-    std::fs::write(&config_path, config.to_string()).unwrap();
-    target
-}
-
 #[test]
 fn unlearn_runs_the_whole_loop_and_writes_the_report() {
     let dir = tmp("unlearn");
-    let model = tiny_model_at_judge_size(&dir);
+    let model = dir.join("sd1-tiny-32");
+    common::sd1_tiny_at_judge_size(&model);
     let out = dir.join("out");
     let unlearn = || {
         let mut command = Command::new(env!("CARGO_BIN_EXE_duo-train"));
@@ -325,13 +309,9 @@ fn an_f16_unet_trains_with_an_exact_reference() {
     let dir = tmp("f16");
     write_pairs(&dir.join("pairs"), 3);
     let run = dir.join("run");
-    let mut command = Command::new(env!("CARGO_BIN_EXE_duo-train"));
-    command.args(["--device", "cpu", "--dtype", "f16", "train", "--log-every", "1000"]);
-    command.arg("--config").arg(root().join("configs/toy-cross.toml"));
-    command.arg("--set").arg(format!("model={}", root().join("tests/fixtures/models/sd1-tiny").display()));
-    command.args(["--set", "training.steps=2", "--set", "training.checkpoint_every=2"]);
-    command.arg("--pairs").arg(dir.join("pairs")).arg("--run-dir").arg(&run);
-    assert_success(&command.output().unwrap());
+    let mut command =
+        train_command(&run, &dir.join("pairs"), &["training.steps=2", "training.checkpoint_every=2"]);
+    assert_success(&command.args(["--dtype", "f16"]).output().unwrap());
     let first = |name: &str| -> f64 {
         let log = std::fs::read_to_string(run.join(format!("train/epoch-1/{name}.log"))).unwrap();
         log.lines().next().unwrap().split(',').next().unwrap().parse().unwrap()

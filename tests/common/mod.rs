@@ -1,7 +1,7 @@
 //! Helpers shared by the integration tests.
 #![allow(dead_code)]
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
 use burn::tensor::TensorData;
 
@@ -28,4 +28,27 @@ pub fn assert_close(what: &str, actual: &TensorData, expected: &TensorData, tole
     let err = relative_max_error(actual, expected);
     println!("{what}: relative max error {err:.2e}");
     assert!(err <= tolerance, "{what}: relative max error {err:.3e} > {tolerance:.0e}");
+}
+
+/// A copy of the sd1-tiny fixture at `target` whose UNet `sample_size` is 16: it draws 32×32
+/// images, the toy concept judge's size.
+pub fn sd1_tiny_at_judge_size(target: &Path) {
+    fn copy(from: &Path, to: &Path) {
+        std::fs::create_dir_all(to).unwrap();
+        for entry in std::fs::read_dir(from).unwrap() {
+            let entry = entry.unwrap();
+            let path = to.join(entry.file_name());
+            if entry.file_type().unwrap().is_dir() {
+                copy(&entry.path(), &path);
+            } else {
+                std::fs::copy(entry.path(), &path).unwrap();
+            }
+        }
+    }
+    copy(&fixtures().join("models/sd1-tiny"), target);
+    let config_path = target.join("unet/config.json");
+    let mut config: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&config_path).unwrap()).unwrap();
+    config["sample_size"] = serde_json::json!(16);
+    std::fs::write(&config_path, config.to_string()).unwrap();
 }

@@ -11,7 +11,7 @@ use burn::backend::Autodiff;
 use burn::prelude::*;
 use burn::tensor::DType;
 use clap::Args;
-use duo_core::device::{BackendTask, DeviceChoice, FloatType, dispatch};
+use duo_core::device::{BackendTask, DeviceChoice, FloatType, dispatch, float_dtype};
 use duo_core::models::{AutoencoderKLConfig, UNet2DConditionConfig};
 use duo_core::pipelines::NoiseSource;
 use duo_core::{DuoError, Result};
@@ -130,10 +130,10 @@ impl BackendTask for PerfTask {
         let (b, s, c) = (args.batch, args.latent_size, config.in_channels);
         let mut noise = NoiseSource::new(0);
         let inputs = |noise: &mut NoiseSource| {
-            let sample = noise.normal::<B, 4>([b, c, s, s], &device).cast(dtype_of(dtype));
+            let sample = noise.normal::<B, 4>([b, c, s, s], &device).cast(float_dtype(dtype));
             let t = Tensor::<B, 1>::full([b], 500.0, &device);
             let ctx =
-                noise.normal::<B, 3>([b, 77, config.cross_attention_dim], &device).cast(dtype_of(dtype));
+                noise.normal::<B, 3>([b, 77, config.cross_attention_dim], &device).cast(float_dtype(dtype));
             (sample, t, ctx)
         };
         reset_peak_rss();
@@ -182,14 +182,6 @@ impl BackendTask for PerfTask {
     }
 }
 
-pub(crate) fn dtype_of(dtype: DType) -> burn::tensor::FloatDType {
-    match dtype {
-        DType::F16 => burn::tensor::FloatDType::F16,
-        DType::BF16 => burn::tensor::FloatDType::BF16,
-        _ => burn::tensor::FloatDType::F32,
-    }
-}
-
 /// Images per second of `steps` guided UNet steps (batch 2) plus one VAE decode, for one image.
 fn sampling_throughput<B: Backend>(
     model: &Path,
@@ -203,9 +195,10 @@ fn sampling_throughput<B: Backend>(
     let unet = layout.init::<B>(device);
     let config = &layout.config;
     let mut noise = NoiseSource::new(1);
-    let ctx = noise.normal::<B, 3>([2, 77, config.cross_attention_dim], device).cast(dtype_of(dtype));
-    let mut latents =
-        noise.normal::<B, 4>([1, config.in_channels, latent_size, latent_size], device).cast(dtype_of(dtype));
+    let ctx = noise.normal::<B, 3>([2, 77, config.cross_attention_dim], device).cast(float_dtype(dtype));
+    let mut latents = noise
+        .normal::<B, 4>([1, config.in_channels, latent_size, latent_size], device)
+        .cast(float_dtype(dtype));
     // warm-up: initialises the lazy random weights and (on GPUs) compiles and tunes the kernels
     let pair = Tensor::cat(vec![latents.clone(), latents.clone()], 0);
     let warm = unet.forward(pair, Tensor::full([2], 999.0, device), ctx.clone());

@@ -6,7 +6,7 @@ use std::fmt;
 use std::str::FromStr;
 
 use burn::prelude::*;
-use burn::tensor::DType;
+use burn::tensor::{DType, FloatDType};
 
 use crate::error::{DuoError, Result};
 
@@ -136,6 +136,15 @@ impl FloatType {
             Self::F16 => DType::F16,
             Self::Bf16 => DType::BF16,
         }
+    }
+}
+
+/// The float dtype of a tensor cast to a run's `dtype` (anything not 16-bit runs in f32).
+pub fn float_dtype(dtype: DType) -> FloatDType {
+    match dtype {
+        DType::F16 => FloatDType::F16,
+        DType::BF16 => FloatDType::BF16,
+        _ => FloatDType::F32,
     }
 }
 

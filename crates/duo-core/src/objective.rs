@@ -22,6 +22,9 @@ use burn::tensor::activation::log_sigmoid;
 use burn::tensor::backend::AutodiffBackend;
 use burn::tensor::{ElementConversion, FloatDType};
 
+use crate::lora::disable_lora;
+use crate::models::UNet2DConditionModel;
+
 /// Which preference loss: DUO's, or Diffusion-DPO's for ablations (which also shares t between
 /// winner and loser; that is the caller's sampling).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -89,25 +92,52 @@ pub fn duo_loss<B: Backend>(x: DuoInputs<B>, beta: f64, lambda: f64, objective: 
     }
 }
 
-/// The DUO loss of one stacked batch: the UNet input is `[x⁻_t ; x⁺_t ; ε]` (b pairs each), so
-/// `policy` and `reference` are the two predictions [3b, c, h, w]; the targets are the loser's
-/// and the winner's [b, c, h, w]. The prior branch compares the two predictions on ε.
-pub fn duo_batch_loss<B: Backend>(
-    policy: Tensor<B, 4>,
-    reference: Tensor<B, 4>,
-    loser_target: Tensor<B, 4>,
-    winner_target: Tensor<B, 4>,
+/// One batch of b pairs for a DUO step. The UNet input stacks the three branches
+/// `[x⁻_t⁻ ; x⁺_t⁺ ; ε]` at timesteps `[t⁻ ; t⁺ ; t_prior]`.
+#[derive(Debug, Clone)]
+pub struct DuoBatch<B: Backend> {
+    /// [3b, c, h, w]
+    pub input: Tensor<B, 4>,
+    /// [3b]
+    pub timesteps: Tensor<B, 1>,
+    /// The conditioning embedding, repeated: [3b, seq, d].
+    pub context: Tensor<B, 3>,
+    /// The denoising targets of the loser (unsafe) and winner (safe) branches: [b, c, h, w] each.
+    pub loser_target: Tensor<B, 4>,
+    pub winner_target: Tensor<B, 4>,
+}
+
+impl<B: Backend> DuoBatch<B> {
+    pub fn pairs(&self) -> usize {
+        self.loser_target.dims()[0]
+    }
+}
+
+/// The DUO loss of one batch through `policy` (the UNet with its adapters on) and the reference:
+/// the same UNet with the adapters switched off, through the same kernels (so the two agree exactly
+/// where the adapters are zero, even in f16) and detached (frozen params and untracked inputs record
+/// no graph). No second copy of the weights. The prior branch compares the two predictions on ε.
+pub fn duo_unet_loss<B: Backend>(
+    policy: &UNet2DConditionModel<B>,
+    batch: &DuoBatch<B>,
     beta: f64,
     lambda: f64,
     objective: Objective,
 ) -> DuoLoss<B> {
-    let b = loser_target.dims()[0];
+    let forward = || policy.forward(batch.input.clone(), batch.timesteps.clone(), batch.context.clone());
+    let reference = {
+        let _off = disable_lora(policy);
+        forward().detach()
+    };
+    let policy = forward();
+    let b = batch.pairs();
     let branch = |x: &Tensor<B, 4>, i: usize| x.clone().narrow(0, i * b, b);
+    let (loser, winner) = (&batch.loser_target, &batch.winner_target);
     let inputs = DuoInputs {
-        policy_loser: per_sample_mse(branch(&policy, 0), loser_target.clone()),
-        reference_loser: per_sample_mse(branch(&reference, 0), loser_target),
-        policy_winner: per_sample_mse(branch(&policy, 1), winner_target.clone()),
-        reference_winner: per_sample_mse(branch(&reference, 1), winner_target),
+        policy_loser: per_sample_mse(branch(&policy, 0), loser.clone()),
+        reference_loser: per_sample_mse(branch(&reference, 0), loser.clone()),
+        policy_winner: per_sample_mse(branch(&policy, 1), winner.clone()),
+        reference_winner: per_sample_mse(branch(&reference, 1), winner.clone()),
         // in f32, as every loss term (the authors compute their losses in fp32)
         prior_policy: branch(&policy, 2).cast(FloatDType::F32),
         prior_reference: branch(&reference, 2).cast(FloatDType::F32),

@@ -29,33 +29,33 @@ pub struct ExportArgs {
     /// A LoRA file, diffusers/PEFT or Kohya (told apart by its keys), with the weight of its delta
     /// (1 when absent); repeatable.
     #[arg(long, value_name = "FILE[:WEIGHT]", required_unless_present = "run")]
-    lora: Vec<String>,
+    pub(crate) lora: Vec<String>,
     /// A `duo-train train` run directory, for its DIR/lora.safetensors; repeatable, and combines with
     /// --lora.
     #[arg(long, value_name = "DIR[:WEIGHT]")]
-    run: Vec<String>,
+    pub(crate) run: Vec<String>,
     /// peft: diffusers' `pytorch_lora_weights.safetensors` layout; kohya: Kohya/A1111
     /// (`lora_unet_…`); merged: the base UNet with the LoRA(s) folded in, diffusers keys.
     #[arg(long, value_name = "peft|kohya|merged")]
-    format: ExportFormat,
+    pub(crate) format: ExportFormat,
     /// The diffusers pipeline folder the LoRA belongs to. Its UNet config gives the layer names and
     /// shapes the LoRA is checked against; merged also reads its UNet weights (the base).
     #[arg(long)]
-    model: PathBuf,
+    pub(crate) model: PathBuf,
     /// merged: the base weight file variant, e.g. fp16 (reads `diffusion_pytorch_model.fp16.safetensors`).
     #[arg(long)]
-    variant: Option<String>,
+    pub(crate) variant: Option<String>,
     /// merged: the float type of the file, f32 (default), f16 or bf16; the merge itself runs in --dtype.
     /// (LoRA files are always f32.)
     #[arg(long)]
-    save_dtype: Option<String>,
+    pub(crate) save_dtype: Option<String>,
     /// The file to write (atomically: an existing one is replaced only once the new one is complete).
     #[arg(long)]
-    out: PathBuf,
+    pub(crate) out: PathBuf,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum ExportFormat {
+pub(crate) enum ExportFormat {
     Lora(LoraFormat),
     Merged,
 }

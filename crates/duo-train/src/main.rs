@@ -95,6 +95,19 @@ pub fn run_dir_name(kind: &str) -> PathBuf {
     ))
 }
 
+/// `run_dir`, or `runs/<kind>-<UTC time>`, refused when it already holds a run (one with a
+/// config.toml): that is for `--resume`.
+pub fn new_run_dir(run_dir: Option<PathBuf>, kind: &str) -> Result<PathBuf> {
+    let dir = run_dir.unwrap_or_else(|| run_dir_name(kind));
+    if dir.join("config.toml").exists() {
+        return Err(duo_core::DuoError::Invalid(format!(
+            "{} already holds a run: continue it with --resume {0}, or pick another --run-dir",
+            dir.display()
+        )));
+    }
+    Ok(dir)
+}
+
 fn main() -> ExitCode {
     match run(Cli::parse()) {
         Ok(()) => ExitCode::SUCCESS,

@@ -5,15 +5,17 @@ use burn::backend::Autodiff;
 use burn::optim::{AdamWConfig, GradientsParams, Optimizer};
 use burn::prelude::*;
 use burn::tensor::DType;
-use duo_core::device::{BackendTask, DeviceChoice, FloatType, dispatch};
-use duo_core::lora::{LoraConfig, attach_lora, disable_lora, lora_parameter_count};
+use duo_core::device::{BackendTask, DeviceChoice, FloatType, dispatch, float_dtype};
+use duo_core::lora::{LoraConfig, attach_lora, lora_parameter_count};
 use duo_core::models::{UNet2DConditionConfig, UNet2DConditionModel, parameter_count};
-use duo_core::objective::{Objective, clip_global_grad_norm, duo_batch_loss, effective_lambda, effective_lr};
+use duo_core::objective::{
+    DuoBatch, Objective, clip_global_grad_norm, duo_unet_loss, effective_lambda, effective_lr,
+};
 use duo_core::pipelines::NoiseSource;
 use duo_core::{DuoError, Result};
 use serde::Serialize;
 
-use super::{PerfArgs, dtype_of, peak_rss_mib, reference_json, reset_peak_rss, time_ms};
+use super::{PerfArgs, peak_rss_mib, reference_json, reset_peak_rss, time_ms};
 
 /// The published nudity run's β; lr and λ follow from it (only the timing matters here).
 const BETA: f64 = 500.0;
@@ -119,24 +121,21 @@ impl BackendTask for DuoStepTask {
         let lambda = effective_lambda(1e6, BETA);
         let mut noise = NoiseSource::new(0);
         let mut unet = Some(unet);
-        let float = dtype_of(dtype);
+        let float = float_dtype(dtype);
         let duo_step_ms = time_ms::<B>(&device, args.iters, || {
             let policy = unet.take().expect("put back after every step");
-            let input = noise.normal::<Autodiff<B>, 4>([3 * b, c, s, s], &device).cast(float);
-            let t = Tensor::<Autodiff<B>, 1>::from_data(
-                TensorData::new([250.0f32, 500.0, 999.0].repeat(b), [3 * b]),
-                &device,
-            );
-            let context = noise.normal::<Autodiff<B>, 3>([3 * b, 77, d], &device).cast(float);
-            let loser = noise.normal::<Autodiff<B>, 4>([b, c, s, s], &device);
-            let winner = noise.normal::<Autodiff<B>, 4>([b, c, s, s], &device);
-            // as the learner: the same backend and kernels as the policy, nothing tracked
-            let eps_reference = {
-                let _off = disable_lora(&policy);
-                policy.forward(input.clone(), t.clone(), context.clone()).detach()
+            let batch = DuoBatch {
+                input: noise.normal::<Autodiff<B>, 4>([3 * b, c, s, s], &device).cast(float),
+                timesteps: Tensor::from_data(
+                    TensorData::new([250.0f32, 500.0, 999.0].repeat(b), [3 * b]),
+                    &device,
+                ),
+                context: noise.normal::<Autodiff<B>, 3>([3 * b, 77, d], &device).cast(float),
+                loser_target: noise.normal::<Autodiff<B>, 4>([b, c, s, s], &device),
+                winner_target: noise.normal::<Autodiff<B>, 4>([b, c, s, s], &device),
             };
-            let eps_policy = policy.forward(input, t, context);
-            let loss = duo_batch_loss(eps_policy, eps_reference, loser, winner, BETA, lambda, Objective::Duo);
+            // the learner's loss: policy and LoRA-off reference through the same UNet
+            let loss = duo_unet_loss(&policy, &batch, BETA, lambda, Objective::Duo);
             let grads = GradientsParams::from_grads(loss.loss.backward(), &policy);
             let (grads, _) = clip_global_grad_norm(&policy, grads, 1.0);
             unet = Some(optim.step(lr, policy, grads));

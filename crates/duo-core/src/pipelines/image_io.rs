@@ -58,8 +58,14 @@ pub fn save_image_grid<B: Backend>(images: &Tensor<B, 4>, columns: usize, path: 
         let (x0, y0) = ((i % columns) * (w + gap), (i / columns) * (h + gap));
         image::imageops::replace(&mut grid, &tile, x0 as i64, y0 as i64);
     }
+    save_png(&grid, path)
+}
+
+/// Writes `image` as a PNG, atomically.
+pub fn save_png(image: &RgbImage, path: &Path) -> Result<()> {
     let mut bytes = Vec::new();
-    grid.write_to(&mut std::io::Cursor::new(&mut bytes), image::ImageFormat::Png)
+    image
+        .write_to(&mut std::io::Cursor::new(&mut bytes), image::ImageFormat::Png)
         .map_err(|e| DuoError::Invalid(format!("encoding {}: {e}", path.display())))?;
     crate::fsutil::write_atomic(path, &bytes)
 }

@@ -4,7 +4,7 @@
 mod image_io;
 mod noise;
 
-pub use image_io::{load_image, save_image_grid, tensor_to_rgb8};
+pub use image_io::{load_image, save_image_grid, save_png, tensor_to_rgb8};
 pub use noise::NoiseSource;
 
 use burn::prelude::*;
@@ -45,6 +45,20 @@ pub struct Generation {
     pub guidance_scale: f64,
 }
 
+/// CLIP last hidden states of `prompts`, padded to the tokenizer's max length: [b, 77, d]. Also for
+/// callers that need the text encoder without the rest of the pipeline.
+pub fn encode_prompts<B: Backend>(
+    tokenizer: &ClipTokenizer,
+    text_encoder: &ClipTextModel<B>,
+    prompts: &[String],
+    device: &B::Device,
+) -> Tensor<B, 3> {
+    let len = tokenizer.model_max_length();
+    let ids: Vec<i64> = prompts.iter().flat_map(|p| tokenizer.encode_padded(p, len)).map(i64::from).collect();
+    let ids = Tensor::<B, 2, Int>::from_data(TensorData::new(ids, [prompts.len(), len]), device);
+    text_encoder.forward(ids).last_hidden_state
+}
+
 impl<B: Backend> StableDiffusion<B> {
     pub fn load(folder: &ModelFolder, device: &B::Device) -> Result<Self> {
         let vae_config = folder.vae_config()?;
@@ -66,11 +80,7 @@ impl<B: Backend> StableDiffusion<B> {
 
     /// CLIP last hidden states of `prompts`, padded to the tokenizer's max length: [b, 77, d].
     pub fn encode_prompts(&self, prompts: &[String]) -> Tensor<B, 3> {
-        let len = self.tokenizer.model_max_length();
-        let ids: Vec<i64> =
-            prompts.iter().flat_map(|p| self.tokenizer.encode_padded(p, len)).map(i64::from).collect();
-        let ids = Tensor::<B, 2, Int>::from_data(TensorData::new(ids, [prompts.len(), len]), &self.device);
-        self.text_encoder.forward(ids).last_hidden_state
+        encode_prompts(&self.tokenizer, &self.text_encoder, prompts, &self.device)
     }
 
     /// The conditioning for a loop: `[negative; positive]` embeddings when guidance applies (scale > 1),

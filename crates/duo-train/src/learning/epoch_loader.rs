@@ -1,6 +1,6 @@
-//! A burn-train data loader whose batches are a pure function of (epoch, batch index): a resumed
-//! run sees exactly the batches an uninterrupted one would have (burn's loaders do not checkpoint
-//! their position or their sampler's RNG).
+//! A burn-train data loader whose batches are a pure function of the batch's index in the run: a
+//! resumed run sees exactly the batches an uninterrupted one would have (burn's loaders do not
+//! checkpoint their position or their sampler's RNG).
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -10,13 +10,15 @@ use burn::data::dataloader::{DataLoader, DataLoaderIterator, Progress};
 use burn::data::dataset::Dataset;
 use burn::prelude::*;
 
-/// Epochs of `batches` batches of `batch_size` consecutive items of `dataset`: epoch e (0-based,
-/// counted over the whole run) takes items from e·batches·batch_size on, so no item repeats. The
-/// epoch a call to `iter` serves is a counter shared by every copy of the loader, starting at the
-/// epoch the run resumes from.
-pub struct EpochLoader<B: Backend, I, O> {
-    dataset: Arc<dyn Dataset<I>>,
-    batcher: Arc<dyn Batcher<B, I, O>>,
+/// The batch with a given index in the run, on a device.
+type MakeBatch<D, O> = dyn Fn(usize, &D) -> O + Send + Sync;
+
+/// Epochs of `batches` batches: epoch e (0-based, counted over the whole run) yields batches
+/// e·batches … (e + 1)·batches − 1. The epoch a call to `iter` serves is a counter shared by every
+/// copy of the loader, starting at the epoch the run resumes from.
+pub struct EpochLoader<B: Backend, O> {
+    make: Arc<MakeBatch<B::Device, O>>,
+    /// Items per batch, for burn's progress only.
     batch_size: usize,
     batches: usize,
     next_epoch: Arc<AtomicUsize>,
@@ -24,11 +26,10 @@ pub struct EpochLoader<B: Backend, I, O> {
     device: B::Device,
 }
 
-impl<B: Backend, I, O> Clone for EpochLoader<B, I, O> {
+impl<B: Backend, O> Clone for EpochLoader<B, O> {
     fn clone(&self) -> Self {
         Self {
-            dataset: self.dataset.clone(),
-            batcher: self.batcher.clone(),
+            make: self.make.clone(),
             batch_size: self.batch_size,
             batches: self.batches,
             next_epoch: self.next_epoch.clone(),
@@ -38,18 +39,16 @@ impl<B: Backend, I, O> Clone for EpochLoader<B, I, O> {
     }
 }
 
-impl<B: Backend, I, O> EpochLoader<B, I, O> {
+impl<B: Backend, O> EpochLoader<B, O> {
     pub fn new(
-        dataset: impl Dataset<I> + 'static,
-        batcher: impl Batcher<B, I, O> + 'static,
+        make: impl Fn(usize, &B::Device) -> O + Send + Sync + 'static,
         batch_size: usize,
         batches: usize,
         first_epoch: usize,
         device: B::Device,
     ) -> Self {
         Self {
-            dataset: Arc::new(dataset),
-            batcher: Arc::new(batcher),
+            make: Arc::new(make),
             batch_size,
             batches,
             next_epoch: Arc::new(AtomicUsize::new(first_epoch)),
@@ -57,15 +56,33 @@ impl<B: Backend, I, O> EpochLoader<B, I, O> {
             device,
         }
     }
+
+    /// Batch g is `dataset`'s items g·batch_size … (g + 1)·batch_size − 1 through `batcher`, so no
+    /// item repeats.
+    pub fn from_dataset<I>(
+        dataset: impl Dataset<I> + 'static,
+        batcher: impl Batcher<B, I, O> + 'static,
+        batch_size: usize,
+        batches: usize,
+        first_epoch: usize,
+        device: B::Device,
+    ) -> Self {
+        let make = move |g: usize, device: &B::Device| {
+            let items = (g * batch_size..(g + 1) * batch_size).filter_map(|i| dataset.get(i)).collect();
+            batcher.batch(items, device)
+        };
+        Self::new(make, batch_size, batches, first_epoch, device)
+    }
 }
 
-struct EpochIter<'a, B: Backend, I, O> {
-    loader: &'a EpochLoader<B, I, O>,
-    first_item: usize,
+struct EpochIter<'a, B: Backend, O> {
+    loader: &'a EpochLoader<B, O>,
+    /// The run's index of the epoch's first batch.
+    first_batch: usize,
     next: usize,
 }
 
-impl<B: Backend, I, O> Iterator for EpochIter<'_, B, I, O> {
+impl<B: Backend, O> Iterator for EpochIter<'_, B, O> {
     type Item = O;
 
     fn next(&mut self) -> Option<O> {
@@ -73,25 +90,23 @@ impl<B: Backend, I, O> Iterator for EpochIter<'_, B, I, O> {
         if self.next >= l.range.end {
             return None;
         }
-        let start = self.first_item + self.next * l.batch_size;
+        let batch = (l.make)(self.first_batch + self.next, &l.device);
         self.next += 1;
-        let items: Vec<I> = (start..start + l.batch_size).filter_map(|i| l.dataset.get(i)).collect();
-        Some(l.batcher.batch(items, &l.device))
+        Some(batch)
     }
 }
 
-impl<B: Backend, I, O> DataLoaderIterator<O> for EpochIter<'_, B, I, O> {
+impl<B: Backend, O> DataLoaderIterator<O> for EpochIter<'_, B, O> {
     fn progress(&self) -> Progress {
         let l = self.loader;
         Progress::new((self.next - l.range.start) * l.batch_size, l.range.len() * l.batch_size)
     }
 }
 
-impl<B: Backend, I: Send + Sync + 'static, O: 'static> DataLoader<B, O> for EpochLoader<B, I, O> {
+impl<B: Backend, O: 'static> DataLoader<B, O> for EpochLoader<B, O> {
     fn iter<'a>(&'a self) -> Box<dyn DataLoaderIterator<O> + 'a> {
-        let epoch = self.next_epoch.fetch_add(1, Ordering::SeqCst);
-        let first_item = epoch * self.batches * self.batch_size;
-        Box::new(EpochIter { loader: self, first_item, next: self.range.start })
+        let first_batch = self.next_epoch.fetch_add(1, Ordering::SeqCst) * self.batches;
+        Box::new(EpochIter { loader: self, first_batch, next: self.range.start })
     }
 
     fn num_items(&self) -> usize {

@@ -82,7 +82,6 @@ pub struct UNetSizes {
     pub norm_num_groups: usize,
 }
 
-/// What every stage's loop needs.
 /// Stage 1: the VAE alone, on pixels.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]

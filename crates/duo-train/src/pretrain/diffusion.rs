@@ -201,7 +201,7 @@ pub fn train<B: AutodiffBackend>(
         .batch_size(schedule.batch_size)
         .set_device(run.device.clone())
         .build(valid_set);
-    let train = Arc::new(EpochLoader::<B, _, _>::new(
+    let train = Arc::new(EpochLoader::<B, _>::from_dataset(
         WorldDataset::train(run.world.clone(), c.seed),
         TrainBatcher::<B>(batcher),
         schedule.batch_size,

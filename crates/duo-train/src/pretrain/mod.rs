@@ -83,17 +83,10 @@ pub fn run(args: PretrainArgs, device: DeviceChoice, float: FloatType) -> Result
     }
     let (config, dir) = match &args.resume {
         Some(dir) => (PretrainConfig::resumed(&dir.join("config.toml"), &sets)?, dir.clone()),
-        None => {
-            let config = PretrainConfig::load(&args.config, &sets)?;
-            let dir = args.run_dir.clone().unwrap_or_else(|| crate::run_dir_name("pretrain"));
-            if dir.join("config.toml").exists() {
-                return Err(DuoError::Invalid(format!(
-                    "{} already holds a run: continue it with --resume {0}, or pick another --run-dir",
-                    dir.display()
-                )));
-            }
-            (config, dir)
-        }
+        None => (
+            PretrainConfig::load(&args.config, &sets)?,
+            crate::new_run_dir(args.run_dir.clone(), "pretrain")?,
+        ),
     };
     // The model sizes are checked by building their diffusers configs; a new run directory is only
     // kept when they pass.

@@ -99,7 +99,7 @@ pub fn train<B: AutodiffBackend>(
     B::seed(&run.device, c.seed);
     let model = VaeTrainer { vae: run.configs.vae.init::<B>(&run.device), kl_weight: c.kl_weight };
     let resume = latest_checkpoint::<B>(&dir).unwrap_or(0);
-    let train = Arc::new(EpochLoader::<B, _, _>::new(
+    let train = Arc::new(EpochLoader::<B, _>::from_dataset(
         WorldDataset::train(run.world.clone(), c.seed),
         batcher.clone(),
         schedule.batch_size,

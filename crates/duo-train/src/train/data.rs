@@ -2,18 +2,14 @@
 //! and batches drawn from them with their noise and timesteps.
 //!
 //! Every random draw of batch `g` (the g-th batch of the run) comes from a generator seeded by
-//! (`seed`, `g`), and the pair order is a fresh permutation per pass over the pairs. So a resumed
-//! run sees exactly the batches the uninterrupted run would have seen.
+//! (`seed`, `g`), and the pair order is a fresh permutation per pass over the pairs. Served by a
+//! `learning::EpochLoader`, a resumed run sees exactly the batches the uninterrupted run would have.
 
-use std::path::{Path, PathBuf};
-use std::sync::Arc;
-use std::sync::atomic::{AtomicUsize, Ordering};
-
-use burn::data::dataloader::{DataLoader, DataLoaderIterator, Progress};
 use burn::prelude::*;
-use burn::tensor::{DType, FloatDType};
+use burn::tensor::DType;
+use duo_core::device::float_dtype;
 use duo_core::models::AutoencoderKL;
-use duo_core::objective::Objective;
+use duo_core::objective::{DuoBatch, Objective};
 use duo_core::pipelines::{NoiseSource, load_image};
 use duo_core::schedulers::NoiseSchedule;
 use duo_core::tensor_file::{TensorFile, write_tensor_file_with_metadata};
@@ -22,6 +18,7 @@ use duo_core::{DuoError, Result};
 use rand::Rng;
 use rand::seq::SliceRandom;
 use rand_distr::{Distribution, StandardNormal};
+use std::path::{Path, PathBuf};
 
 /// The image files of a pair folder: pair i = (`unsafe/`'s i-th file, `safe/`'s i-th file) in name order.
 #[derive(Debug, Clone)]
@@ -160,27 +157,6 @@ impl PairLatents {
     }
 }
 
-/// One batch of b pairs for the DUO step. The UNet input stacks the three branches:
-/// `[x⁻_t⁻ ; x⁺_t⁺ ; ε]` at timesteps `[t⁻ ; t⁺ ; t_prior]`.
-#[derive(Debug, Clone)]
-pub struct DuoBatch<B: Backend> {
-    /// [3b, c, h, w]
-    pub input: Tensor<B, 4>,
-    /// [3b]
-    pub timesteps: Tensor<B, 1>,
-    /// The conditioning embedding repeated: [3b, seq, d].
-    pub context: Tensor<B, 3>,
-    /// The denoising targets of the loser (unsafe) and winner (safe) branches: [b, c, h, w] each.
-    pub loser_target: Tensor<B, 4>,
-    pub winner_target: Tensor<B, 4>,
-}
-
-impl<B: Backend> DuoBatch<B> {
-    pub fn pairs(&self) -> usize {
-        self.loser_target.dims()[0]
-    }
-}
-
 /// How batches are drawn.
 #[derive(Debug, Clone)]
 pub struct Sampling {
@@ -193,7 +169,7 @@ pub struct Sampling {
     pub seed: u64,
 }
 
-/// Everything a batch is made from; shared by the loaders (and their per-device copies).
+/// Everything a batch is made from; shared by the training and validation loaders.
 pub struct BatchSource {
     pub latents: PairLatents,
     /// The conditioning prompt's embedding: [1, seq, d].
@@ -207,7 +183,7 @@ pub struct BatchSource {
 impl BatchSource {
     /// Batch `g` of the run: the pairs at positions g·b … g·b + b − 1 of the run's pair stream
     /// (a new permutation per pass), with their noise and timesteps.
-    fn batch<B: Backend>(&self, g: usize, device: &B::Device) -> DuoBatch<B> {
+    pub fn batch<B: Backend>(&self, g: usize, device: &B::Device) -> DuoBatch<B> {
         let s = &self.sampling;
         let n = self.latents.len();
         let positions: Vec<usize> = (g * s.batch_size..(g + 1) * s.batch_size).collect();
@@ -216,7 +192,7 @@ impl BatchSource {
     }
 
     /// The fixed validation batch: the first `count` pairs, with draws of their own.
-    fn valid_batch<B: Backend>(&self, count: usize, device: &B::Device) -> DuoBatch<B> {
+    pub fn valid_batch<B: Backend>(&self, count: usize, device: &B::Device) -> DuoBatch<B> {
         let pairs: Vec<usize> = (0..count.min(self.latents.len())).collect();
         self.make_batch(&pairs, &mut rng_for(self.sampling.seed ^ 0x76_616c_6964, 0), device)
     }
@@ -259,11 +235,7 @@ impl BatchSource {
             .map(|&t| t as f32)
             .chain(std::iter::repeat_n(s.prior_timestep as f32, b))
             .collect();
-        let float = match self.unet_dtype {
-            DType::F16 => FloatDType::F16,
-            DType::BF16 => FloatDType::BF16,
-            _ => FloatDType::F32,
-        };
+        let float = float_dtype(self.unet_dtype);
         let context =
             Tensor::<B, 3>::from_data(self.context.clone(), device).repeat_dim(0, 3 * b).cast(float);
         DuoBatch {
@@ -273,93 +245,5 @@ impl BatchSource {
             loser_target,
             winner_target,
         }
-    }
-}
-
-/// Which batches a loader yields.
-#[derive(Clone)]
-enum Plan {
-    /// `batches` per epoch; the epoch a call to `iter` starts is the counter's value, then it
-    /// advances (shared by every copy of the loader).
-    Train { next_epoch: Arc<AtomicUsize>, batches: usize },
-    /// The same validation batch every time.
-    Valid { pairs: usize },
-}
-
-/// burn-train's data loader for the DUO learner (an epoch is a checkpoint interval).
-#[derive(Clone)]
-pub struct DuoLoader<B: Backend> {
-    source: Arc<BatchSource>,
-    plan: Plan,
-    /// The batches of an epoch this loader yields (all, or a slice of them).
-    range: std::ops::Range<usize>,
-    device: B::Device,
-}
-
-impl<B: Backend> DuoLoader<B> {
-    /// Epochs of `batches` batches, the first one numbered `first_epoch` (0-based: 0 starts the run).
-    pub fn train(source: Arc<BatchSource>, batches: usize, first_epoch: usize, device: B::Device) -> Self {
-        let plan = Plan::Train { next_epoch: Arc::new(AtomicUsize::new(first_epoch)), batches };
-        Self { source, plan, range: 0..batches, device }
-    }
-
-    pub fn valid(source: Arc<BatchSource>, pairs: usize, device: B::Device) -> Self {
-        Self { source, plan: Plan::Valid { pairs }, range: 0..1, device }
-    }
-}
-
-struct DuoIter<'a, B: Backend> {
-    loader: &'a DuoLoader<B>,
-    /// The run's batch index of the epoch's first batch.
-    first_batch: usize,
-    next: usize,
-}
-
-impl<B: Backend> Iterator for DuoIter<'_, B> {
-    type Item = DuoBatch<B>;
-
-    fn next(&mut self) -> Option<DuoBatch<B>> {
-        if self.next >= self.loader.range.end {
-            return None;
-        }
-        let i = self.next;
-        self.next += 1;
-        let source = &self.loader.source;
-        Some(match &self.loader.plan {
-            Plan::Train { .. } => source.batch(self.first_batch + i, &self.loader.device),
-            Plan::Valid { pairs } => source.valid_batch(*pairs, &self.loader.device),
-        })
-    }
-}
-
-impl<B: Backend> DataLoaderIterator<DuoBatch<B>> for DuoIter<'_, B> {
-    fn progress(&self) -> Progress {
-        let size = self.loader.source.sampling.batch_size;
-        Progress::new((self.next - self.loader.range.start) * size, self.loader.range.len() * size)
-    }
-}
-
-impl<B: Backend> DataLoader<B, DuoBatch<B>> for DuoLoader<B> {
-    fn iter<'a>(&'a self) -> Box<dyn DataLoaderIterator<DuoBatch<B>> + 'a> {
-        let first_batch = match &self.plan {
-            Plan::Train { next_epoch, batches } => next_epoch.fetch_add(1, Ordering::SeqCst) * batches,
-            Plan::Valid { .. } => 0,
-        };
-        Box::new(DuoIter { loader: self, first_batch, next: self.range.start })
-    }
-
-    fn num_items(&self) -> usize {
-        self.range.len() * self.source.sampling.batch_size
-    }
-
-    fn to_device(&self, device: &B::Device) -> Arc<dyn DataLoader<B, DuoBatch<B>>> {
-        Arc::new(Self { device: device.clone(), ..self.clone() })
-    }
-
-    fn slice(&self, start: usize, end: usize) -> Arc<dyn DataLoader<B, DuoBatch<B>>> {
-        let size = self.source.sampling.batch_size;
-        let range =
-            (self.range.start + start / size)..(self.range.start + end.div_ceil(size)).min(self.range.end);
-        Arc::new(Self { range, ..self.clone() })
     }
 }

@@ -18,15 +18,16 @@ use burn::tensor::backend::AutodiffBackend;
 use burn::train::{ApplicationLoggerInstaller, FileApplicationLoggerInstaller};
 use clap::Args;
 use duo_core::device::{BackendTask, DeviceChoice, FloatType, dispatch};
-use duo_core::lora::{LoraFormat, attach_lora, lora_parameter_count, save_lora, take_lora_adapters};
+use duo_core::lora::{LoraFormat, attach_lora, lora_parameter_count, save_lora};
+use duo_core::pipelines::encode_prompts;
 use duo_core::schedulers::{NoiseSchedule, SchedulerConfig};
 use duo_core::tokenizer::ClipTokenizer;
 use duo_core::{DuoError, ModelFolder, Result};
 
 use self::config::DuoConfig;
-use self::data::{BatchSource, DuoLoader, PairFiles, PairLatents, Sampling};
+use self::data::{BatchSource, PairFiles, PairLatents, Sampling};
 use self::model::{DuoModel, DuoSettings, NonFiniteGuard, TRAIN_SCALARS};
-use crate::learning::{Stage, StopControl, latest_checkpoint};
+use crate::learning::{EpochLoader, Stage, StopControl, latest_checkpoint};
 
 #[derive(Args, Debug, Clone)]
 pub struct TrainArgs {
@@ -63,17 +64,7 @@ pub fn run(args: TrainArgs, device: DeviceChoice, float: FloatType) -> Result<Op
     }
     let (config, dir) = match &args.resume {
         Some(dir) => (DuoConfig::resumed(&dir.join("config.toml"), &sets)?, dir.clone()),
-        None => {
-            let config = DuoConfig::load(&args.config, &sets)?;
-            let dir = args.run_dir.clone().unwrap_or_else(|| crate::run_dir_name("train"));
-            if dir.join("config.toml").exists() {
-                return Err(DuoError::Invalid(format!(
-                    "{} already holds a run: continue it with --resume {0}, or pick another --run-dir",
-                    dir.display()
-                )));
-            }
-            (config, dir)
-        }
+        None => (DuoConfig::load(&args.config, &sets)?, crate::new_run_dir(args.run_dir.clone(), "train")?),
     };
     let files = PairFiles::list(&config.pair_dir())?;
     std::fs::create_dir_all(&dir).map_err(|e| DuoError::io(&dir, e))?;
@@ -144,25 +135,17 @@ fn train<B: AutodiffBackend>(task: TrainTask, device: B::Device, dtype: DType) -
     let unet =
         attach_lora(folder.clone().with_dtype(dtype).unet::<B>(&device)?, &config.lora_config()?, &device)?;
     let trainable = lora_parameter_count(&unet);
-    let (unet, adapters) = take_lora_adapters(unet);
     let control = StopControl::install()?;
     let guard = NonFiniteGuard::new(control.interrupter());
     let resume = latest_checkpoint::<B>(&dir).unwrap_or(0);
-    let (paths, adapters) = adapters.into_iter().unzip();
-    let model = DuoModel {
-        unet,
-        adapters,
-        paths,
-        settings: DuoSettings {
-            beta: d.beta,
-            lambda: config.lambda(),
-            objective: config.objective(),
-            max_grad_norm: config.training.max_grad_norm,
-            grad_accumulation: schedule.grad_accumulation,
-        },
-        step: resume * schedule.checkpoint_every,
-        guard: guard.clone(),
+    let settings = DuoSettings {
+        beta: d.beta,
+        lambda: config.lambda(),
+        objective: config.objective(),
+        max_grad_norm: config.training.max_grad_norm,
+        grad_accumulation: schedule.grad_accumulation,
     };
+    let model = DuoModel::new(unet, settings, resume * schedule.checkpoint_every, guard.clone());
     println!(
         "LoRA rank {} on `{}`: {:.2} M trainable parameters; β {} → lr {:.2e}, λ {:.3e} ({})",
         config.lora.rank,
@@ -189,9 +172,23 @@ fn train<B: AutodiffBackend>(task: TrainTask, device: B::Device, dtype: DType) -
         },
     });
     let batches = schedule.checkpoint_every * schedule.grad_accumulation;
-    let train = Arc::new(DuoLoader::<B>::train(source.clone(), batches, resume, device.clone()));
-    let valid =
-        Arc::new(DuoLoader::<B::InnerBackend>::valid(source, config.training.valid_pairs, device.clone()));
+    let train_source = source.clone();
+    let train = Arc::new(EpochLoader::<B, _>::new(
+        move |g, device| train_source.batch::<B>(g, device),
+        schedule.batch_size,
+        batches,
+        resume,
+        device.clone(),
+    ));
+    // one fixed batch, every checkpoint
+    let valid_pairs = config.training.valid_pairs.min(source.latents.len());
+    let valid = Arc::new(EpochLoader::<B::InnerBackend, _>::new(
+        move |_, device| source.valid_batch::<B::InnerBackend>(valid_pairs, device),
+        valid_pairs,
+        1,
+        0,
+        device.clone(),
+    ));
     let stage = Stage {
         name: "duo",
         dir: dir.clone(),
@@ -235,10 +232,7 @@ fn train<B: AutodiffBackend>(task: TrainTask, device: B::Device, dtype: DType) -
 fn conditioning<B: Backend>(folder: &ModelFolder, prompt: &str, device: &B::Device) -> Result<TensorData> {
     let tokenizer = ClipTokenizer::from_folder(&folder.root().join("tokenizer"))?;
     let text_encoder = folder.text_encoder::<B>(device)?;
-    let len = tokenizer.model_max_length();
-    let ids: Vec<i64> = tokenizer.encode_padded(prompt, len).into_iter().map(i64::from).collect();
-    let ids = Tensor::<B, 2, Int>::from_data(TensorData::new(ids, [1, len]), device);
-    Ok(text_encoder.forward(ids).last_hidden_state.into_data())
+    Ok(encode_prompts(&tokenizer, &text_encoder, &[prompt.to_string()], device).into_data())
 }
 
 #[cfg(test)]
@@ -258,22 +252,14 @@ mod tests {
         let unet = attach_lora(folder.unet::<B>(&device).unwrap(), &Default::default(), &device).unwrap();
         let trainable = lora_parameter_count(&unet);
         let base = unet.num_params();
-        let (unet, adapters) = take_lora_adapters(unet);
-        let (paths, adapters) = adapters.into_iter().unzip();
-        let model = DuoModel {
-            unet,
-            adapters,
-            paths,
-            settings: DuoSettings {
-                beta: 500.0,
-                lambda: 5e6,
-                objective: duo_core::objective::Objective::Duo,
-                max_grad_norm: 1.0,
-                grad_accumulation: 1,
-            },
-            step: 0,
-            guard: NonFiniteGuard::new(burn::train::Interrupter::new()),
+        let settings = DuoSettings {
+            beta: 500.0,
+            lambda: 5e6,
+            objective: duo_core::objective::Objective::Duo,
+            max_grad_norm: 1.0,
+            grad_accumulation: 1,
         };
+        let model = DuoModel::new(unet, settings, 0, NonFiniteGuard::new(burn::train::Interrupter::new()));
         assert!(trainable > 0 && trainable < base);
         assert_eq!(model.num_params(), trainable, "the base UNet is not part of the trained module");
         // the policy is the UNet with every adapter back in place

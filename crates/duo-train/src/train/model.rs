@@ -2,8 +2,7 @@
 //! the only params (so the optimizer and the checkpoints hold them alone).
 //!
 //! Each step puts the adapters into a shallow copy of the UNet (params are shared, not copied): that
-//! is the policy. The reference is the same UNet with the adapters switched off, its output detached
-//! (frozen params and untracked inputs record no graph): no second copy of the weights.
+//! is the policy, and with its adapters switched off the reference (`objective::duo_unet_loss`).
 
 use std::sync::{Arc, Mutex};
 
@@ -12,11 +11,10 @@ use burn::optim::{GradientsParams, Optimizer};
 use burn::prelude::*;
 use burn::tensor::backend::AutodiffBackend;
 use burn::train::{InferenceStep, Interrupter, TrainOutput, TrainStep};
-use duo_core::lora::{LoraAdapter, disable_lora, put_lora_adapters};
+use duo_core::lora::{LoraAdapter, put_lora_adapters, take_lora_adapters};
 use duo_core::models::UNet2DConditionModel;
-use duo_core::objective::{DuoLoss, Objective, clip_global_grad_norm, duo_batch_loss};
+use duo_core::objective::{DuoBatch, DuoLoss, Objective, clip_global_grad_norm, duo_unet_loss};
 
-use super::data::DuoBatch;
 use crate::learning::StepOutput;
 
 /// The loss settings of a run.
@@ -79,16 +77,27 @@ pub const TRAIN_SCALARS: &[&str] =
     &["loss", "dpo loss", "prior loss", "implicit accuracy", "reward margin", "winner gap", "loser gap"];
 
 impl<B: Backend> DuoModel<B> {
+    /// `unet` with its adapters attached (`attach_lora`); they are taken out into the module.
+    pub fn new(
+        unet: UNet2DConditionModel<B>,
+        settings: DuoSettings,
+        step: usize,
+        guard: NonFiniteGuard,
+    ) -> Self {
+        let (unet, adapters) = take_lora_adapters(unet);
+        let (paths, adapters) = adapters.into_iter().unzip();
+        Self { unet, adapters, paths, settings, step, guard }
+    }
+
     /// The UNet with the adapters in place.
     pub fn policy(&self) -> UNet2DConditionModel<B> {
         put_lora_adapters(self.unet.clone(), self.paths.iter().map(String::as_str).zip(&self.adapters))
             .expect("the adapter paths were taken from this UNet")
     }
 
-    fn loss(&self, batch: &DuoBatch<B>, policy: Tensor<B, 4>, reference: Tensor<B, 4>) -> DuoLoss<B> {
+    fn loss(&self, batch: &DuoBatch<B>) -> DuoLoss<B> {
         let s = &self.settings;
-        let (loser, winner) = (batch.loser_target.clone(), batch.winner_target.clone());
-        duo_batch_loss(policy, reference, loser, winner, s.beta, s.lambda, s.objective)
+        duo_unet_loss(&self.policy(), batch, s.beta, s.lambda, s.objective)
     }
 }
 
@@ -102,16 +111,7 @@ impl<B: AutodiffBackend> TrainStep for DuoModel<B> {
     type Output = StepOutput<B>;
 
     fn step(&self, batch: DuoBatch<B>) -> TrainOutput<StepOutput<B>> {
-        let policy = self.policy();
-        // The reference runs on the same backend as the policy, so both use the same kernels (the
-        // inner backend's fused attention differs from autodiff's decomposed one by f16 rounding,
-        // which λ = 5e6 would amplify). Frozen params and untracked inputs: no graph is kept.
-        let eps_reference = {
-            let _off = disable_lora(&policy);
-            policy.forward(batch.input.clone(), batch.timesteps.clone(), batch.context.clone()).detach()
-        };
-        let eps_policy = policy.forward(batch.input.clone(), batch.timesteps.clone(), batch.context.clone());
-        let l = self.loss(&batch, eps_policy, eps_reference);
+        let l = self.loss(&batch);
         let grads = (l.loss.clone() / self.settings.grad_accumulation as f64).backward();
         let loss = l.loss.clone().detach();
         TrainOutput::new(self, grads, output(batch.pairs(), loss, l))
@@ -143,13 +143,7 @@ impl<B: Backend> InferenceStep for DuoModel<B> {
     type Output = StepOutput<B>;
 
     fn step(&self, batch: DuoBatch<B>) -> StepOutput<B> {
-        let policy = self.policy();
-        let eps_policy = policy.forward(batch.input.clone(), batch.timesteps.clone(), batch.context.clone());
-        let eps_reference = {
-            let _off = disable_lora(&policy);
-            policy.forward(batch.input.clone(), batch.timesteps.clone(), batch.context.clone())
-        };
-        let l = self.loss(&batch, eps_policy, eps_reference);
+        let l = self.loss(&batch);
         output(batch.pairs(), l.loss.clone(), l)
     }
 }

@@ -16,14 +16,15 @@ use burn::tensor::DType;
 use clap::Args;
 use duo_core::device::{BackendTask, DeviceChoice, FloatType, dispatch};
 use duo_core::judge::ConceptJudge;
-use duo_core::lora::{LoraFormat, load_lora_specs, save_lora};
-use duo_core::pipelines::{StableDiffusion, tensor_to_rgb8};
+use duo_core::lora::{LoraFormat, load_lora_specs};
+use duo_core::pipelines::{StableDiffusion, save_png, tensor_to_rgb8};
 use duo_core::schedulers::{Scheduler, SchedulerKind};
 use duo_core::{DuoError, ModelFolder, Result};
 use indicatif::{ProgressBar, ProgressStyle};
 use serde_json::json;
 
 use self::eval::{Evaluator, Goal, Group, Judged, Rate, pixel_similarity};
+use crate::export::{self, ExportArgs, ExportFormat};
 use crate::pairs::{self, PairsArgs};
 use crate::train::config::DuoConfig;
 use crate::train::{self, TrainArgs};
@@ -102,12 +103,21 @@ pub fn run(args: UnlearnArgs, device: DeviceChoice, float: FloatType) -> Result<
     let peft = out.join("lora.safetensors");
     std::fs::copy(&lora, &peft).map_err(|e| DuoError::io(&peft, e))?;
     let kohya = out.join("lora-kohya.safetensors");
-    dispatch(
+    println!("wrote {} (diffusers/PEFT)", peft.display());
+    // through `duo-train export`, which reads the UNet's config only, not its weights
+    export::run(
+        ExportArgs {
+            lora: vec![peft.display().to_string()],
+            run: Vec::new(),
+            format: ExportFormat::Lora(LoraFormat::Kohya),
+            model: config.model.clone(),
+            variant: None,
+            save_dtype: None,
+            out: kohya,
+        },
         device,
         float,
-        ExportKohya { model: config.model.clone(), lora: peft.clone(), out: kohya.clone() },
     )?;
-    println!("wrote {} (diffusers/PEFT) and {} (Kohya/A1111)", peft.display(), kohya.display());
 
     // 4. evaluate
     println!("\n== 4/4 before/after evaluation ==");
@@ -141,22 +151,6 @@ fn pairs_args(config: &DuoConfig) -> PairsArgs {
         seed: p.seed,
         out: p.dir.clone(),
         lora: Vec::new(),
-    }
-}
-
-struct ExportKohya {
-    model: PathBuf,
-    lora: PathBuf,
-    out: PathBuf,
-}
-
-impl BackendTask for ExportKohya {
-    type Output = ();
-
-    fn run<B: Backend>(self, device: B::Device, dtype: DType) -> Result<()> {
-        let unet = ModelFolder::open(&self.model)?.with_dtype(dtype).unet::<B>(&device)?;
-        let unet = load_lora_specs(unet, &[self.lora.display().to_string()])?;
-        save_lora(&unet, &self.out, LoraFormat::Kohya)
     }
 }
 
@@ -288,11 +282,7 @@ fn before_after_grid<B: Backend>(
             }
         }
     }
-    let mut bytes = Vec::new();
-    canvas
-        .write_to(&mut std::io::Cursor::new(&mut bytes), image::ImageFormat::Png)
-        .map_err(|e| DuoError::Invalid(format!("encoding {}: {e}", path.display())))?;
-    duo_core::fsutil::write_atomic(path, &bytes)
+    save_png(&canvas, path)
 }
 
 fn write_reports(config: &DuoConfig, out: &Path, e: Evaluation, timings: serde_json::Value) -> Result<()> {
