@@ -327,3 +327,27 @@ fn an_f16_unet_trains_with_an_exact_reference() {
     let name = lora.names().next().unwrap().to_string();
     assert_eq!(lora.get(&name).unwrap().dtype, burn::tensor::DType::F32);
 }
+
+/// Pair generation uses the folder's own scheduler, like `sample`; one this project does not
+/// implement is an error naming it (it used to be replaced by DDIM without a word).
+#[test]
+fn pairs_name_an_unimplemented_scheduler_instead_of_substituting_one() {
+    let dir = tmp("scheduler");
+    let model = dir.join("model");
+    common::sd1_tiny_at_judge_size(&model);
+    let config_path = model.join("scheduler/scheduler_config.json");
+    let mut config: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&config_path).unwrap()).unwrap();
+    config["_class_name"] = serde_json::json!("KarrasVeScheduler");
+    std::fs::write(&config_path, config.to_string()).unwrap();
+    let output = Command::new(env!("CARGO_BIN_EXE_duo-train"))
+        .args(["--device", "cpu", "pairs", "--judge", "none", "--pairs", "1", "--steps", "1", "--model"])
+        .arg(&model)
+        .arg("--out")
+        .arg(dir.join("pairs"))
+        .output()
+        .unwrap();
+    assert!(!output.status.success());
+    let log = text(&output);
+    assert!(log.contains("KarrasVeScheduler") && log.contains("scheduler_config.json"), "{log}");
+}

@@ -14,7 +14,7 @@ use clap::Args;
 use duo_core::device::{BackendTask, DeviceChoice, FloatType, dispatch};
 use duo_core::judge::ConceptJudge;
 use duo_core::pipelines::{Generation, NoiseSource, StableDiffusion, save_image_grid};
-use duo_core::schedulers::{Scheduler, SchedulerKind};
+use duo_core::schedulers::Scheduler;
 use duo_core::world::{self, Shape};
 use duo_core::{DuoError, ModelFolder, Result};
 use indicatif::{ProgressBar, ProgressStyle};
@@ -128,15 +128,7 @@ impl BackendTask for PairsTask {
         let folder = ModelFolder::open(&args.model)?.with_dtype(dtype);
         let mut sd = StableDiffusion::<B>::load(&folder, &device)?;
         sd.unet = duo_core::lora::load_lora_specs(sd.unet, &args.lora)?;
-        let kind = match &args.scheduler {
-            Some(name) => name.parse()?,
-            None => sd
-                .scheduler_config
-                .class_name()
-                .and_then(SchedulerKind::from_class_name)
-                .unwrap_or(SchedulerKind::Ddim),
-        };
-        let scheduler = Scheduler::new(kind, &sd.scheduler_config, args.steps)?;
+        let scheduler = sd.scheduler(args.scheduler.as_deref(), args.steps)?;
         let judge = if args.judge == "none" {
             Judge::Accept
         } else {

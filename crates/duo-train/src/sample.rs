@@ -7,7 +7,6 @@ use burn::tensor::DType;
 use clap::Args;
 use duo_core::device::{BackendTask, DeviceChoice, FloatType, dispatch};
 use duo_core::pipelines::{Generation, NoiseSource, StableDiffusion, load_image, save_image_grid};
-use duo_core::schedulers::{Scheduler, SchedulerKind};
 use duo_core::tensor_file::{TensorFile, write_tensor_file};
 use duo_core::{DuoError, ModelFolder, Result};
 use indicatif::{ProgressBar, ProgressStyle};
@@ -79,21 +78,7 @@ impl BackendTask for SampleTask {
         let folder = ModelFolder::open(&args.model)?.with_variant(args.variant.clone()).with_dtype(dtype);
         let mut sd = StableDiffusion::<B>::load(&folder, &device)?;
         sd.unet = duo_core::lora::load_lora_specs(sd.unet, &args.lora)?;
-        let kind = match &args.scheduler {
-            Some(name) => name.parse::<SchedulerKind>()?,
-            None => {
-                let class = sd.scheduler_config.class_name().unwrap_or("PNDMScheduler");
-                SchedulerKind::from_class_name(class).ok_or_else(|| {
-                    DuoError::config(
-                        sd.scheduler_config.source(),
-                        format!(
-                            "_class_name {class} is not an implemented scheduler; pick one with --scheduler"
-                        ),
-                    )
-                })?
-            }
-        };
-        let scheduler = Scheduler::new(kind, &sd.scheduler_config, args.steps)?.with_eta(args.eta)?;
+        let scheduler = sd.scheduler(args.scheduler.as_deref(), args.steps)?.with_eta(args.eta)?;
         let generation = Generation {
             prompts: args.prompt.clone(),
             negative_prompts: args.negative_prompt.clone(),

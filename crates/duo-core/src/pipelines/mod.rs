@@ -12,7 +12,7 @@ use burn::prelude::*;
 use crate::error::{DuoError, Result};
 use crate::folder::ModelFolder;
 use crate::models::{AutoencoderKL, ClipTextModel, UNet2DConditionModel};
-use crate::schedulers::{Scheduler, SchedulerConfig};
+use crate::schedulers::{Scheduler, SchedulerConfig, SchedulerKind};
 use crate::tokenizer::ClipTokenizer;
 
 /// The loaded components of a Stable Diffusion folder.
@@ -76,6 +76,27 @@ impl<B: Backend> StableDiffusion<B> {
             unet_sample_size,
             device: device.clone(),
         })
+    }
+
+    /// The scheduler `name`d (pndm, ddim, euler, …), or else the folder's own (its `_class_name`;
+    /// PNDM when it names none, as SD 1.x ships), for `steps` steps. A class this project does not
+    /// implement is an error naming it, not a silent substitute.
+    pub fn scheduler(&self, name: Option<&str>, steps: usize) -> Result<Scheduler> {
+        let kind = match name {
+            Some(name) => name.parse::<SchedulerKind>()?,
+            None => {
+                let class = self.scheduler_config.class_name().unwrap_or("PNDMScheduler");
+                SchedulerKind::from_class_name(class).ok_or_else(|| {
+                    DuoError::config(
+                        self.scheduler_config.source(),
+                        format!(
+                            "_class_name {class} is not an implemented scheduler; pick one with --scheduler"
+                        ),
+                    )
+                })?
+            }
+        };
+        Scheduler::new(kind, &self.scheduler_config, steps)
     }
 
     /// CLIP last hidden states of `prompts`, padded to the tokenizer's max length: [b, 77, d].

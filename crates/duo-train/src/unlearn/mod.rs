@@ -18,7 +18,6 @@ use duo_core::device::{BackendTask, DeviceChoice, FloatType, dispatch};
 use duo_core::judge::ConceptJudge;
 use duo_core::lora::{LoraFormat, load_lora_specs};
 use duo_core::pipelines::{StableDiffusion, save_png, tensor_to_rgb8};
-use duo_core::schedulers::{Scheduler, SchedulerKind};
 use duo_core::{DuoError, ModelFolder, Result};
 use indicatif::{ProgressBar, ProgressStyle};
 use serde_json::json;
@@ -181,15 +180,7 @@ impl BackendTask for Evaluate {
         let judge = ConceptJudge::<B>::load(Path::new(&e.judge), &device)?;
         let folder = ModelFolder::open(&config.model)?.with_dtype(dtype);
         let mut sd = StableDiffusion::<B>::load(&folder, &device)?;
-        let kind = match e.scheduler.as_str() {
-            "default" => sd
-                .scheduler_config
-                .class_name()
-                .and_then(SchedulerKind::from_class_name)
-                .unwrap_or(SchedulerKind::Ddim),
-            name => name.parse()?,
-        };
-        let scheduler = Scheduler::new(kind, &sd.scheduler_config, e.steps)?;
+        let scheduler = sd.scheduler((e.scheduler != "default").then_some(e.scheduler.as_str()), e.steps)?;
         let groups = [
             Group { prompts: &e.prompts, goal: Goal::Free(concept) },
             Group { prompts: &e.paraphrases, goal: Goal::Free(concept) },
