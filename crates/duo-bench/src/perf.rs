@@ -88,8 +88,7 @@ pub fn run(args: PerfArgs, device: DeviceChoice, float: FloatType) -> Result<()>
         reports.push(reference);
     }
     if let Some(path) = &args.json {
-        let text = serde_json::to_string_pretty(&reports).map_err(|e| DuoError::Invalid(e.to_string()))?;
-        duo_core::fsutil::write_atomic(path, text.as_bytes())?;
+        duo_core::fsutil::write_json(path, &reports)?;
     }
     Ok(())
 }

@@ -16,3 +16,10 @@ pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
     file.write_all(bytes).and_then(|()| file.sync_all()).map_err(|e| DuoError::io(&tmp, e))?;
     std::fs::rename(&tmp, path).map_err(|e| DuoError::io(path, e))
 }
+
+/// Writes `value` as pretty-printed JSON (with a final newline), atomically.
+pub fn write_json(path: &Path, value: &impl serde::Serialize) -> Result<()> {
+    let text = serde_json::to_string_pretty(value)
+        .map_err(|e| DuoError::Invalid(format!("serialising {}: {e}", path.display())))?;
+    write_atomic(path, format!("{text}\n").as_bytes())
+}

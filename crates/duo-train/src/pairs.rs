@@ -181,9 +181,7 @@ impl BackendTask for PairsTask {
                 Err(reason) => manifest.failed.push((index, reason)),
             }
             manifest.pairs.sort_by_key(|p| p.index);
-            let json =
-                serde_json::to_string_pretty(&manifest).map_err(|e| DuoError::Invalid(e.to_string()))?;
-            duo_core::fsutil::write_atomic(&manifest_path, json.as_bytes())?;
+            duo_core::fsutil::write_json(&manifest_path, &manifest)?;
             let rejects: usize = manifest.pairs.iter().map(|p| p.unsafe_rejects + p.safe_rejects).sum();
             bar.set_message(format!("{rejects} rejected candidates, {} failed pairs", manifest.failed.len()));
             bar.inc(1);

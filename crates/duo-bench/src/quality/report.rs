@@ -2,7 +2,7 @@
 
 use std::path::Path;
 
-use duo_core::{DuoError, Result};
+use duo_core::Result;
 use serde::Serialize;
 
 use super::tally::{Gates, Metrics};
@@ -35,8 +35,7 @@ pub struct QualityReport {
 
 impl QualityReport {
     pub fn write(&self, path: &Path) -> Result<()> {
-        let text = serde_json::to_string_pretty(self).map_err(|e| DuoError::Invalid(e.to_string()))?;
-        duo_core::fsutil::write_atomic(path, format!("{text}\n").as_bytes())
+        duo_core::fsutil::write_json(path, self)
     }
 
     pub fn print(&self) {

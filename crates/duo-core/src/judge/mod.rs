@@ -74,9 +74,7 @@ impl<B: Backend> ConceptJudge<B> {
         self.save_into(&mut store).map_err(|e| DuoError::weights(&weights_path, e.to_string()))?;
         let bytes = store.get_bytes().map_err(|e| DuoError::weights(&weights_path, e.to_string()))?;
         write_atomic(&weights_path, &bytes)?;
-        let config =
-            serde_json::to_string_pretty(&self.config).map_err(|e| DuoError::Invalid(e.to_string()))?;
-        write_atomic(&dir.join(CONFIG_FILE), format!("{config}\n").as_bytes())
+        crate::fsutil::write_json(&dir.join(CONFIG_FILE), &self.config)
     }
 
     /// One verdict per image of `images`: [b, 3, H, W] in [0, 1] (the pipelines' output range),

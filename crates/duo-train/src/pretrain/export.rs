@@ -54,7 +54,7 @@ impl ModelConfigs {
             ("scheduler/scheduler_config.json", scheduler_json()),
         ];
         for (name, value) in &files {
-            write_json(&dir.join(name), value)?;
+            duo_core::fsutil::write_json(&dir.join(name), value)?;
         }
         let unet_path = dir.join("unet/config.json");
         let unet = UNet2DConditionConfig::from_file(&unet_path)?.layout(&unet_path)?;
@@ -254,11 +254,6 @@ fn model_index_json() -> Value {
     })
 }
 
-fn write_json(path: &Path, value: &Value) -> Result<()> {
-    let text = serde_json::to_string_pretty(value).map_err(|e| DuoError::Invalid(e.to_string()))?;
-    duo_core::fsutil::write_atomic(path, format!("{text}\n").as_bytes())
-}
-
 /// The trained networks, ready to be written.
 pub struct Trained<'a, B: Backend> {
     pub vae: &'a AutoencoderKL<B>,
@@ -278,11 +273,14 @@ pub fn export<B: Backend>(config: &PretrainConfig, trained: Trained<'_, B>) -> R
         std::fs::remove_dir_all(&tmp).map_err(|e| DuoError::io(&tmp, e))?;
     }
 
-    write_json(&tmp.join("model_index.json"), &model_index_json())?;
-    write_json(&tmp.join("vae/config.json"), &vae_json(config, trained.vae.scaling_factor))?;
-    write_json(&tmp.join("unet/config.json"), &unet_json(config))?;
-    write_json(&tmp.join("text_encoder/config.json"), &text_encoder_json(config))?;
-    write_json(&tmp.join("scheduler/scheduler_config.json"), &scheduler_json())?;
+    duo_core::fsutil::write_json(&tmp.join("model_index.json"), &model_index_json())?;
+    duo_core::fsutil::write_json(
+        &tmp.join("vae/config.json"),
+        &vae_json(config, trained.vae.scaling_factor),
+    )?;
+    duo_core::fsutil::write_json(&tmp.join("unet/config.json"), &unet_json(config))?;
+    duo_core::fsutil::write_json(&tmp.join("text_encoder/config.json"), &text_encoder_json(config))?;
+    duo_core::fsutil::write_json(&tmp.join("scheduler/scheduler_config.json"), &scheduler_json())?;
     let weights: [(&str, Vec<u8>); 3] = [
         ("vae/diffusion_pytorch_model.safetensors", safetensors_bytes(trained.vae, &[], SHIPPED_DTYPE)?),
         (

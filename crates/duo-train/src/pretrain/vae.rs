@@ -170,8 +170,6 @@ fn scaling_factor<V: Backend>(
     println!(
         "[vae] latents over {count} values: mean {mean:.4}, std {std:.4} → scaling_factor {scaling_factor:.5}"
     );
-    let json = serde_json::to_string_pretty(&Scaling { epoch, scaling_factor })
-        .map_err(|e| DuoError::Invalid(e.to_string()))?;
-    duo_core::fsutil::write_atomic(&path, json.as_bytes())?;
+    duo_core::fsutil::write_json(&path, &Scaling { epoch, scaling_factor })?;
     Ok(scaling_factor)
 }

@@ -304,8 +304,7 @@ fn write_reports(config: &DuoConfig, out: &Path, e: Evaluation, timings: serde_j
         "files": { "lora_peft": "lora.safetensors", "lora_kohya": "lora-kohya.safetensors",
                    "grid": "before-after.png", "pairs": format!("pairs/{}", config.concept), "train": "train" },
     });
-    let text = serde_json::to_string_pretty(&report).map_err(|e| DuoError::Invalid(e.to_string()))?;
-    duo_core::fsutil::write_atomic(&out.join("report.json"), text.as_bytes())?;
+    duo_core::fsutil::write_json(&out.join("report.json"), &report)?;
 
     let pct = |x: f64| format!("{:.1}%", 100.0 * x);
     let rows = [
