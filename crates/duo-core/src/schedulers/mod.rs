@@ -493,6 +493,23 @@ impl NoiseSchedule {
             }
         }
     }
+
+    /// The Min-SNR-γ loss weight of timestep `t` (Hang et al. 2023, as diffusers' training scripts
+    /// apply `--snr_gamma`): min(SNR_t, γ) divided by what the config's target already weighs in
+    /// x₀ terms (SNR for ε, SNR + 1 for v, 1 for x₀). In x₀ terms the ε-loss weighs each timestep
+    /// by its SNR, so the low-noise ones, which only refine detail, dominate the gradient; capping
+    /// that at γ leaves more of it to the noisy ones, where the prompt decides the image.
+    /// Panics if `t` is outside the schedule.
+    pub fn min_snr_weight(&self, t: usize, gamma: f64) -> f64 {
+        let a = self.alphas_cumprod[t];
+        let snr = a / (1.0 - a);
+        let clipped = snr.min(gamma);
+        match self.prediction_type {
+            PredictionType::Epsilon => clipped / snr,
+            PredictionType::VPrediction => clipped / (snr + 1.0),
+            PredictionType::Sample => clipped,
+        }
+    }
 }
 
 /// The float32 betas of `beta_schedule` (or `trained_betas`).
@@ -989,6 +1006,30 @@ mod tests {
         assert_eq!(a[500], 0.27633246779441833);
         assert_eq!(a[999], 0.00466009508818388);
         assert!(a.iter().all(|&x| x as f32 as f64 == x));
+    }
+
+    #[test]
+    fn min_snr_weights_match_diffusers_training_scripts() {
+        // diffusers.training_utils.compute_snr + the scripts' --snr_gamma 5 weights (torch 2.15),
+        // for t = 0, 100, 500, 999.
+        let expected = [
+            ("epsilon", [0.0042537241, 0.5914453864, 1.0, 1.0]),
+            ("v_prediction", [0.0042501087, 0.5288841724, 0.2763324976, 0.0046600942]),
+        ];
+        for (prediction, weights) in expected {
+            let c = config(&format!(
+                r#"{{"beta_schedule": "scaled_linear", "beta_start": 0.00085, "beta_end": 0.012,
+                    "prediction_type": "{prediction}"}}"#
+            ));
+            let s = NoiseSchedule::from_config(&c).unwrap();
+            for (t, want) in [0, 100, 500, 999].into_iter().zip(weights) {
+                let got = s.min_snr_weight(t, 5.0);
+                assert!(
+                    (got - want).abs() < 1e-6 * want.max(1e-3) * 10.0,
+                    "{prediction} t={t}: {got} vs {want}"
+                );
+            }
+        }
     }
 
     #[test]

@@ -119,6 +119,8 @@ pub struct DiffusionTraining {
     pub ema_decay: f64,
     /// Fraction of captions replaced by "" so classifier-free guidance has an unconditional model.
     pub caption_dropout: f64,
+    /// γ of the Min-SNR-γ loss weighting (5 in its paper); 0 is the plain MSE.
+    pub min_snr_gamma: f64,
 }
 
 /// The PNG grid written after export: one row per shape, one column per seed.
@@ -259,6 +261,12 @@ impl PretrainConfig {
         }
         if !(0.0..=1.0).contains(&d.caption_dropout) {
             return err(format!("diffusion_training.caption_dropout={} is not in [0, 1]", d.caption_dropout));
+        }
+        if !(d.min_snr_gamma.is_finite() && d.min_snr_gamma >= 0.0) {
+            return err(format!(
+                "diffusion_training.min_snr_gamma={} is not a finite γ ≥ 0",
+                d.min_snr_gamma
+            ));
         }
         let v = &self.vae_training;
         if v.kl_weight.is_nan() || v.kl_weight < 0.0 {

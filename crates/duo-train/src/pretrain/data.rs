@@ -134,6 +134,8 @@ pub struct DiffusionBatch<B: Backend> {
     pub input_ids: Tensor<B, 2, Int>,
     /// ε: [b, c, h, w].
     pub target: Tensor<B, 4>,
+    /// Each sample's weight in the loss (Min-SNR-γ, or 1): [b].
+    pub loss_weights: Tensor<B, 1>,
 }
 
 /// Builds diffusion batches; the frozen VAE runs on backend `V` (the training backend's inner one,
@@ -147,6 +149,8 @@ pub struct DiffusionBatcher<V: Backend> {
     pub schedule: NoiseSchedule,
     pub noise_seed: u64,
     pub caption_dropout: f64,
+    /// γ of the Min-SNR-γ loss weights; 0 weighs every sample 1.
+    pub min_snr_gamma: f64,
     /// [latent_channels, h, w].
     pub latent_shape: [usize; 3],
 }
@@ -185,11 +189,16 @@ impl<V: Backend> DiffusionBatcher<V> {
         let target = lift(self.schedule.training_target(latents.clone(), eps.clone(), &timesteps));
         let noisy = self.schedule.add_noise(latents, eps, &timesteps);
         let t: Vec<f32> = timesteps.iter().map(|&t| t as f32).collect();
+        let weights: Vec<f32> = match self.min_snr_gamma {
+            0.0 => vec![1.0; b],
+            gamma => timesteps.iter().map(|&t| self.schedule.min_snr_weight(t, gamma) as f32).collect(),
+        };
         DiffusionBatch {
             noisy_latents: lift(noisy),
             timesteps: Tensor::from_data(TensorData::new(t, [b]), device),
             input_ids: Tensor::from_data(TensorData::new(ids, [b, max_len]), device),
             target,
+            loss_weights: Tensor::from_data(TensorData::new(weights, [b]), device),
         }
     }
 }

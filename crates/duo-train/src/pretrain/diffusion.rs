@@ -46,7 +46,8 @@ fn denoising_loss<B: Backend>(
 ) -> Tensor<B, 1> {
     let context = text_encoder.forward(batch.input_ids).last_hidden_state;
     let prediction = unet.forward(batch.noisy_latents, batch.timesteps, context);
-    (prediction - batch.target).square().mean()
+    let per_sample = (prediction - batch.target).square().flatten::<2>(1, 3).mean_dim(1).squeeze_dim(1);
+    (per_sample * batch.loss_weights).mean()
 }
 
 /// Keeps every param but makes it initialised: lazy params would otherwise draw their values at first
@@ -185,6 +186,7 @@ pub fn train<B: AutodiffBackend>(
         schedule: NoiseSchedule::from_config(&run.configs.scheduler)?,
         noise_seed: c.seed,
         caption_dropout: c.caption_dropout,
+        min_snr_gamma: c.min_snr_gamma,
         latent_shape: [channels, side, side],
     };
 
