@@ -305,3 +305,34 @@ fn judge_train_refuses_to_overwrite_a_judge_without_force() {
     assert!(stderr.contains("seed and eval_seed are both 202"), "{stderr}");
     let _ = std::fs::remove_dir_all(&out);
 }
+
+#[test]
+fn perf_times_a_duo_step_with_and_without_gradient_checkpointing() {
+    let model = root().join("tests/fixtures/models/sd1-tiny");
+    for checkpointing in [false, true] {
+        let json = tmp(&format!("perf-{checkpointing}.json"));
+        let mut command = bench();
+        command.args(["--device", "cpu", "perf", "--duo-step", "--iters", "1", "--batch", "2"]);
+        command.arg("--model").arg(&model).arg("--json").arg(&json);
+        if checkpointing {
+            command.arg("--gradient-checkpointing");
+        }
+        let output = command.output().unwrap();
+        assert!(output.status.success(), "{}", String::from_utf8_lossy(&output.stderr));
+        let reports: serde_json::Value =
+            serde_json::from_str(&std::fs::read_to_string(&json).unwrap()).unwrap();
+        let ours = &reports[0];
+        assert_eq!(ours["gradient_checkpointing"], checkpointing);
+        assert_eq!(ours["pairs"], 2);
+        assert!(ours["duo_step_ms"].as_f64().unwrap() > 0.0, "{ours}");
+        assert!(ours["lora_parameters"].as_u64().unwrap() > 0, "{ours}");
+    }
+    // Gradient checkpointing belongs to the DUO step; the plain UNet timings refuse it.
+    let output = bench()
+        .args(["--device", "cpu", "perf", "--gradient-checkpointing", "--model"])
+        .arg(&model)
+        .output()
+        .unwrap();
+    assert!(!output.status.success());
+    assert!(String::from_utf8_lossy(&output.stderr).contains("--duo-step"));
+}

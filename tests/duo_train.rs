@@ -145,6 +145,38 @@ fn a_resumed_run_ends_in_the_same_state_as_an_uninterrupted_one() {
 }
 
 #[test]
+fn gradient_checkpointing_trains_the_same_adapters() {
+    let dir = tmp("gradient-checkpointing");
+    write_pairs(&dir.join("pairs"), 3);
+    let sets =
+        ["training.steps=3", "training.checkpoint_every=3", "duo.base_lr=0.01", "training.batch_size=2"];
+    let stored = dir.join("stored");
+    assert_success(&train(
+        &stored,
+        &dir.join("pairs"),
+        &[&sets[..], &["training.gradient_checkpointing=false"]].concat(),
+    ));
+    let recomputed = dir.join("recomputed");
+    assert_success(&train(
+        &recomputed,
+        &dir.join("pairs"),
+        &[&sets[..], &["training.gradient_checkpointing=true"]].concat(),
+    ));
+    let read = |dir: &Path| duo_core::tensor_file::TensorFile::read(&dir.join("lora.safetensors")).unwrap();
+    let (a, b) = (read(&stored), read(&recomputed));
+    let mut moved = false;
+    for name in a.names() {
+        let values = |f: &duo_core::tensor_file::TensorFile| f.get(name).unwrap().to_vec::<f32>().unwrap();
+        let (x, y) = (values(&a), values(&b));
+        moved |= name.contains("lora_B") && x.iter().any(|&v| v != 0.0);
+        let worst = x.iter().zip(&y).map(|(p, q)| (p - q).abs()).fold(0.0f32, f32::max);
+        let scale = x.iter().map(|v| v.abs()).fold(0.0f32, f32::max);
+        assert!(worst <= 1e-5 * scale.max(1e-3), "{name}: recomputed activations changed it by {worst}");
+    }
+    assert!(moved, "three steps at lr 0.01 should move lora_B off zero");
+}
+
+#[test]
 fn ctrl_c_stops_at_the_next_checkpoint_and_the_run_resumes() {
     let dir = tmp("ctrl-c");
     write_pairs(&dir.join("pairs"), 3);

@@ -53,6 +53,7 @@ def main():
     p.add_argument("--dtype", default="f32")
     p.add_argument("--out", required=True)
     p.add_argument("--duo-step", action="store_true")
+    p.add_argument("--gradient-checkpointing", action="store_true")
     a = p.parse_args()
     dtype = {"f32": torch.float32, "f16": torch.float16, "bf16": torch.bfloat16}[a.dtype]
     torch.manual_seed(0)
@@ -134,6 +135,9 @@ def duo_step(a, unet, n_params, dtype):
             target_modules=["attn1.to_q", "attn1.to_k", "attn1.to_v", "attn1.to_out.0"],
         )
     )
+    if a.gradient_checkpointing:
+        unet.enable_gradient_checkpointing()
+        unet.train()
     params = [p for p in unet.parameters() if p.requires_grad]
     for p in params:
         p.data = p.data.float()  # LoRA trains in fp32, as the authors'

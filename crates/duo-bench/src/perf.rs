@@ -49,6 +49,11 @@ pub struct PerfArgs {
     /// without a graph, the reference; then the loss, backward, global clipping and AdamW.
     #[arg(long)]
     pub duo_step: bool,
+    /// With --duo-step: recompute memory-bound activations in the backward pass (the trainer's
+    /// `training.gradient_checkpointing`; the PyTorch reference then uses diffusers'
+    /// `enable_gradient_checkpointing`).
+    #[arg(long, requires = "duo_step")]
+    pub gradient_checkpointing: bool,
 }
 
 #[derive(Serialize, Debug, Default, Clone)]
@@ -261,6 +266,9 @@ pub(crate) fn reference_json(
         .args(["--out", &out.display().to_string()]);
     if args.duo_step {
         command.arg("--duo-step");
+    }
+    if args.gradient_checkpointing {
+        command.arg("--gradient-checkpointing");
     }
     let status = command
         .status()

@@ -2,9 +2,11 @@
 //! §2) on random weights, side by side with the same step in PyTorch + diffusers + peft.
 
 use burn::backend::Autodiff;
+use burn::backend::autodiff::checkpoint::strategy::BalancedCheckpointing;
 use burn::optim::{AdamWConfig, GradientsParams, Optimizer};
 use burn::prelude::*;
 use burn::tensor::DType;
+use burn::tensor::backend::AutodiffBackend;
 use duo_core::device::{BackendTask, DeviceChoice, FloatType, dispatch, float_dtype};
 use duo_core::lora::{LoraConfig, attach_lora, lora_parameter_count};
 use duo_core::models::{UNet2DConditionConfig, UNet2DConditionModel, parameter_count};
@@ -30,6 +32,7 @@ pub struct DuoStepReport {
     pub lora_parameters: usize,
     pub pairs: usize,
     pub latent_size: usize,
+    pub gradient_checkpointing: bool,
     pub duo_step_ms: f64,
     /// The UNet's weights alone, for scale: a second (reference) copy would add as much again.
     pub unet_weights_mib: f64,
@@ -55,6 +58,7 @@ pub fn run(args: &PerfArgs, device: DeviceChoice, float: FloatType) -> Result<()
             lora_parameters: num("lora_parameters").unwrap_or(0.0) as usize,
             pairs: args.batch,
             latent_size: args.latent_size,
+            gradient_checkpointing: args.gradient_checkpointing,
             duo_step_ms: num("duo_step_ms").unwrap_or(f64::NAN),
             unet_weights_mib: ours.unet_weights_mib,
             peak_rss_mib: num("peak_rss_mib"),
@@ -72,7 +76,7 @@ pub fn run(args: &PerfArgs, device: DeviceChoice, float: FloatType) -> Result<()
 
 fn print(r: &DuoStepReport) {
     println!(
-        "{} on {} ({}), {} ({:.1} M UNet params, {:.2} M LoRA), {} pairs, latents {}²:",
+        "{} on {} ({}), {} ({:.1} M UNet params, {:.2} M LoRA), {} pairs, latents {}²{}:",
         r.implementation,
         r.device,
         r.dtype,
@@ -80,7 +84,8 @@ fn print(r: &DuoStepReport) {
         r.unet_parameters as f64 / 1e6,
         r.lora_parameters as f64 / 1e6,
         r.pairs,
-        r.latent_size
+        r.latent_size,
+        if r.gradient_checkpointing { ", gradient checkpointing" } else { "" }
     );
     println!("  DUO step               {:>10.1} ms", r.duo_step_ms);
     if let Some(m) = r.peak_rss_mib {
@@ -100,6 +105,16 @@ impl BackendTask for DuoStepTask {
     type Output = DuoStepReport;
 
     fn run<B: Backend>(self, device: B::Device, dtype: DType) -> Result<DuoStepReport> {
+        if self.args.gradient_checkpointing {
+            self.time::<Autodiff<B, BalancedCheckpointing>>(device, dtype)
+        } else {
+            self.time::<Autodiff<B>>(device, dtype)
+        }
+    }
+}
+
+impl DuoStepTask {
+    fn time<A: AutodiffBackend>(self, device: A::Device, dtype: DType) -> Result<DuoStepReport> {
         let args = &self.args;
         if args.batch == 0 {
             return Err(DuoError::Invalid("--batch (pairs per DUO step) must be at least 1".into()));
@@ -109,29 +124,29 @@ impl BackendTask for DuoStepTask {
         let config = &layout.config;
         let (b, s, c, d) = (args.batch, args.latent_size, config.in_channels, config.cross_attention_dim);
         reset_peak_rss();
-        let unet = attach_lora(layout.init::<Autodiff<B>>(&device), &LoraConfig::default(), &device)?;
+        let unet = attach_lora(layout.init::<A>(&device), &LoraConfig::default(), &device)?;
         let lora_parameters = lora_parameter_count(&unet);
         let unet_parameters = parameter_count(&unet) - lora_parameters;
         let mut optim = AdamWConfig::new()
             .with_weight_decay(1e-2)
             .with_epsilon(1e-8)
-            .init::<Autodiff<B>, UNet2DConditionModel<Autodiff<B>>>();
+            .init::<A, UNet2DConditionModel<A>>();
         let lr = effective_lr(3e-4, BETA, true);
         let lambda = effective_lambda(1e6, BETA);
         let mut noise = NoiseSource::new(0);
         let mut unet = Some(unet);
         let float = float_dtype(dtype);
-        let duo_step_ms = time_ms::<B>(&device, args.iters, || {
+        let duo_step_ms = time_ms::<A>(&device, args.iters, || {
             let policy = unet.take().expect("put back after every step");
             let batch = DuoBatch {
-                input: noise.normal::<Autodiff<B>, 4>([3 * b, c, s, s], &device).cast(float),
+                input: noise.normal::<A, 4>([3 * b, c, s, s], &device).cast(float),
                 timesteps: Tensor::from_data(
                     TensorData::new([250.0f32, 500.0, 999.0].repeat(b), [3 * b]),
                     &device,
                 ),
-                context: noise.normal::<Autodiff<B>, 3>([3 * b, 77, d], &device).cast(float),
-                loser_target: noise.normal::<Autodiff<B>, 4>([b, c, s, s], &device),
-                winner_target: noise.normal::<Autodiff<B>, 4>([b, c, s, s], &device),
+                context: noise.normal::<A, 3>([3 * b, 77, d], &device).cast(float),
+                loser_target: noise.normal::<A, 4>([b, c, s, s], &device),
+                winner_target: noise.normal::<A, 4>([b, c, s, s], &device),
             };
             // the learner's loss: policy and LoRA-off reference through the same UNet
             let loss = duo_unet_loss(&policy, &batch, BETA, lambda, Objective::Duo);
@@ -148,6 +163,7 @@ impl BackendTask for DuoStepTask {
             lora_parameters,
             pairs: b,
             latent_size: s,
+            gradient_checkpointing: args.gradient_checkpointing,
             duo_step_ms,
             unet_weights_mib: unet_parameters as f64 * dtype.size() as f64 / (1u64 << 20) as f64,
             peak_rss_mib: peak_rss_mib(),

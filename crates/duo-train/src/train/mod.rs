@@ -12,6 +12,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use burn::backend::Autodiff;
+use burn::backend::autodiff::checkpoint::strategy::BalancedCheckpointing;
 use burn::prelude::*;
 use burn::tensor::DType;
 use burn::tensor::backend::AutodiffBackend;
@@ -86,7 +87,11 @@ impl BackendTask for TrainTask {
     type Output = Option<PathBuf>;
 
     fn run<B: Backend>(self, device: B::Device, dtype: DType) -> Result<Option<PathBuf>> {
-        train::<Autodiff<B>>(self, device, dtype)
+        if self.config.training.gradient_checkpointing {
+            train::<Autodiff<B, BalancedCheckpointing>>(self, device, dtype)
+        } else {
+            train::<Autodiff<B>>(self, device, dtype)
+        }
     }
 }
 
