@@ -221,3 +221,50 @@ fn sample_applies_lora_files_with_weights() {
     assert_ne!(run(&tmp("lora.png"), &lora_arg("1.0")), base);
     assert_eq!(run(&tmp("lora0.png"), &lora_arg("0")), base);
 }
+
+/// `--dtype f16|bf16` runs the networks in that type (latents and scheduler in f32) and stays close
+/// to diffusers' f32 image; image-to-image (the VAE encoder) runs in it too.
+#[test]
+fn sample_runs_in_f16_and_bf16() {
+    let fixtures = root().join("tests/fixtures");
+    let case = fixtures.join("pipelines/txt2img-ddim.safetensors");
+    let file = duo_core::tensor_file::TensorFile::read(&case).unwrap();
+    let latents = tmp("half-latents.safetensors");
+    duo_core::tensor_file::write_tensor_file(&latents, &[("latents", file.get("latents").unwrap().clone())])
+        .unwrap();
+    let expected = file.get_f64_vec("image").unwrap();
+    // f16 keeps 11 significant bits, bf16 8: their images differ from f32 by rounding, not more.
+    for (dtype, tolerance) in [("f16", 1e-2), ("bf16", 5e-2)] {
+        let (png, tensor) = (tmp(&format!("{dtype}.png")), tmp(&format!("{dtype}.safetensors")));
+        let output = Command::new(env!("CARGO_BIN_EXE_duo-train"))
+            .args(["--device", "cpu", "sample", "--scheduler", "ddim", "--steps", "5", "--guidance", "7.5"])
+            .args(["--prompt", "a photo of a cat", "--prompt", "an astronaut riding a horse on the moon"])
+            .args(["--negative-prompt", "blurry, low quality", "--negative-prompt", "ugly", "--dtype", dtype])
+            .arg("--model")
+            .arg(fixtures.join("models/sd1-tiny"))
+            .arg("--latents")
+            .arg(&latents)
+            .arg("--out")
+            .arg(&png)
+            .arg("--save-tensor")
+            .arg(&tensor)
+            .output()
+            .unwrap();
+        assert!(output.status.success(), "{dtype}: {}", String::from_utf8_lossy(&output.stderr));
+        let ours = duo_core::tensor_file::TensorFile::read(&tensor).unwrap().get_f64_vec("image").unwrap();
+        let err = ours.iter().zip(&expected).map(|(a, b)| (a - b).abs()).fold(0.0, f64::max);
+        println!("{dtype}: max abs error {err}");
+        assert!(err > 0.0 && err < tolerance, "{dtype}: max abs error {err}");
+        let edited = Command::new(env!("CARGO_BIN_EXE_duo-train"))
+            .args(["--device", "cpu", "sample", "--steps", "3", "--prompt", "a red cross", "--dtype", dtype])
+            .args(["--strength", "0.5", "--init-image"])
+            .arg(&png)
+            .arg("--model")
+            .arg(fixtures.join("models/sd1-tiny"))
+            .arg("--out")
+            .arg(tmp(&format!("{dtype}-edited.png")))
+            .output()
+            .unwrap();
+        assert!(edited.status.success(), "{dtype} img2img: {}", String::from_utf8_lossy(&edited.stderr));
+    }
+}

@@ -9,6 +9,7 @@ use burn::tensor::module::interpolate;
 use burn::tensor::ops::{InterpolateMode, InterpolateOptions};
 
 use super::layers::{GroupNorm32, Linear, conv2d, torch_conv_init};
+use crate::device::float_dtype;
 
 /// diffusers `ResnetBlock2D` with `time_embedding_norm="default"`, SiLU, output_scale_factor 1.
 #[derive(Module, Debug)]
@@ -68,26 +69,33 @@ impl<B: Backend> ResnetBlock2D<B> {
 #[derive(Module, Debug)]
 pub struct Downsample2D<B: Backend> {
     pub conv: Conv2d<B>,
+    /// The VAE's one-sided padding (right and bottom), applied before the unpadded convolution.
+    pad_right_bottom: bool,
 }
 
 impl<B: Backend> Downsample2D<B> {
     /// `padding` 1 in the UNet (symmetric); 0 in the VAE, where diffusers pads (0,1,0,1) by hand first,
     /// i.e. only right and bottom.
     pub fn new(channels: usize, padding: usize, device: &B::Device) -> Self {
-        let pad = if padding == 0 {
-            PaddingConfig2d::Explicit(0, 0, 1, 1)
-        } else {
-            PaddingConfig2d::Explicit(padding, padding, padding, padding)
-        };
         let conv = Conv2dConfig::new([channels, channels], [3, 3])
             .with_stride([2, 2])
-            .with_padding(pad)
+            .with_padding(PaddingConfig2d::Explicit(padding, padding, padding, padding))
             .with_initializer(torch_conv_init(channels * 9))
             .init(device);
-        Self { conv }
+        Self { conv, pad_right_bottom: padding == 0 }
     }
 
     pub fn forward(&self, x: Tensor<B, 4>) -> Tensor<B, 4> {
+        if !self.pad_right_bottom {
+            return self.conv.forward(x);
+        }
+        // By concatenation: Burn 0.21's asymmetric conv padding builds its zeros in f32 and panics
+        // on f16/bf16 activations.
+        let [b, c, h, w] = x.dims();
+        let (device, dtype) = (x.device(), float_dtype(x.dtype()));
+        let zeros = |shape: [usize; 4]| Tensor::<B, 4>::zeros(shape, &device).cast(dtype);
+        let x = Tensor::cat(vec![x, zeros([b, c, h, 1])], 3);
+        let x = Tensor::cat(vec![x, zeros([b, c, 1, w + 1])], 2);
         self.conv.forward(x)
     }
 }

@@ -8,7 +8,9 @@ pub use image_io::{load_image, save_image_grid, save_png, tensor_to_rgb8};
 pub use noise::NoiseSource;
 
 use burn::prelude::*;
+use burn::tensor::{DType, FloatDType};
 
+use crate::device::float_dtype;
 use crate::error::{DuoError, Result};
 use crate::folder::ModelFolder;
 use crate::models::{AutoencoderKL, ClipTextModel, UNet2DConditionModel};
@@ -27,6 +29,9 @@ pub struct StableDiffusion<B: Backend> {
     pub latent_channels: usize,
     /// The latent side the UNet was trained at (`sample_size` in unet/config.json), if given.
     pub unet_sample_size: Option<usize>,
+    /// The networks' float type (`--dtype`). Latents and the scheduler's arithmetic stay f32, as
+    /// the networks' inputs are cast to it and their outputs back.
+    pub dtype: DType,
     pub device: B::Device,
 }
 
@@ -74,6 +79,7 @@ impl<B: Backend> StableDiffusion<B> {
             vae_scale_factor: vae_config.downscale_factor(),
             latent_channels: vae_config.latent_channels,
             unet_sample_size,
+            dtype: folder.dtype(),
             device: device.clone(),
         })
     }
@@ -144,15 +150,16 @@ impl<B: Backend> StableDiffusion<B> {
         let Conditioning { context, guidance_scale } = conditioning;
         let guided = guidance_scale > 1.0;
         let batch = latents.dims()[0];
+        let context = context.cast(float_dtype(self.dtype));
         let mut state = scheduler.initial_state();
         let timesteps = scheduler.timesteps();
         for (i, &t) in timesteps.iter().enumerate().skip(start) {
             // scale, unet, guidance, step
             let input =
                 if guided { Tensor::cat(vec![latents.clone(), latents.clone()], 0) } else { latents.clone() };
-            let input = scheduler.scale_model_input(input, i);
+            let input = scheduler.scale_model_input(input, i).cast(float_dtype(self.dtype));
             let t = Tensor::<B, 1>::full([input.dims()[0]], t as f32, &self.device);
-            let prediction = self.unet.forward(input, t, context.clone());
+            let prediction = self.unet.forward(input, t, context.clone()).cast(FloatDType::F32);
             let prediction = if guided {
                 let uncond = prediction.clone().narrow(0, 0, batch);
                 let text = prediction.narrow(0, batch, batch);
@@ -172,7 +179,8 @@ impl<B: Backend> StableDiffusion<B> {
 
     /// Latents → image [b, 3, H, W] in [0, 1] (before 8-bit quantisation).
     pub fn decode(&self, latents: Tensor<B, 4>) -> Tensor<B, 4> {
-        let image = self.vae.decode(latents / self.vae.scaling_factor);
+        let latents = (latents / self.vae.scaling_factor).cast(float_dtype(self.dtype));
+        let image = self.vae.decode(latents).cast(FloatDType::F32);
         (image / 2.0 + 0.5).clamp(0.0, 1.0)
     }
 
@@ -206,7 +214,7 @@ impl<B: Backend> StableDiffusion<B> {
         noise: &mut NoiseSource,
     ) -> Result<(Tensor<B, 4>, usize)> {
         let start = img2img_start_index(scheduler, strength)?;
-        let dist = self.vae.encode(image);
+        let dist = self.vae.encode(image.cast(float_dtype(self.dtype)));
         let (vae_noise, start_noise) = match draws {
             Some(d) => d,
             None => {
@@ -214,7 +222,8 @@ impl<B: Backend> StableDiffusion<B> {
                 (noise.normal::<B, 4>(shape, &self.device), noise.normal::<B, 4>(shape, &self.device))
             }
         };
-        let latents = dist.sample(vae_noise) * self.vae.scaling_factor;
+        let latents = dist.sample(vae_noise.cast(float_dtype(self.dtype))).cast(FloatDType::F32)
+            * self.vae.scaling_factor;
         Ok((scheduler.add_noise(latents, start_noise, start), start))
     }
 
