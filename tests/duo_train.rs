@@ -337,27 +337,26 @@ fn unlearn_names_a_missing_model() {
 /// kernels as the policy, so at the start (B = 0) the two agree exactly even in f16: L_dpo = ln 2 and
 /// the prior loss is 0, where mismatched kernels would leave an f16 rounding gap that λ = 5e6 blows up.
 #[test]
-fn an_f16_unet_trains_with_an_exact_reference() {
-    let dir = tmp("f16");
-    write_pairs(&dir.join("pairs"), 3);
-    let run = dir.join("run");
-    let mut command =
-        train_command(&run, &dir.join("pairs"), &["training.steps=2", "training.checkpoint_every=2"]);
-    assert_success(&command.args(["--dtype", "f16"]).output().unwrap());
-    let first = |name: &str| -> f64 {
-        let log = std::fs::read_to_string(run.join(format!("train/epoch-1/{name}.log"))).unwrap();
-        log.lines().next().unwrap().split(',').next().unwrap().parse().unwrap()
-    };
-    assert!(
-        (first("dpo_loss") - std::f64::consts::LN_2).abs() < 1e-6,
-        "first DPO loss {}",
-        first("dpo_loss")
-    );
-    assert_eq!(first("prior_loss"), 0.0);
-    // the adapters stay f32 in the file
-    let lora = duo_core::tensor_file::TensorFile::read(&run.join("lora.safetensors")).unwrap();
-    let name = lora.names().next().unwrap().to_string();
-    assert_eq!(lora.get(&name).unwrap().dtype, burn::tensor::DType::F32);
+fn a_half_precision_unet_trains_with_an_exact_reference() {
+    for dtype in ["f16", "bf16"] {
+        let dir = tmp(dtype);
+        write_pairs(&dir.join("pairs"), 3);
+        let run = dir.join("run");
+        let mut command =
+            train_command(&run, &dir.join("pairs"), &["training.steps=2", "training.checkpoint_every=2"]);
+        assert_success(&command.args(["--dtype", dtype]).output().unwrap());
+        let first = |name: &str| -> f64 {
+            let log = std::fs::read_to_string(run.join(format!("train/epoch-1/{name}.log"))).unwrap();
+            log.lines().next().unwrap().split(',').next().unwrap().parse().unwrap()
+        };
+        let dpo = first("dpo_loss");
+        assert!((dpo - std::f64::consts::LN_2).abs() < 1e-6, "{dtype}: first DPO loss {dpo}");
+        assert_eq!(first("prior_loss"), 0.0, "{dtype}");
+        // the adapters stay f32 in the file
+        let lora = duo_core::tensor_file::TensorFile::read(&run.join("lora.safetensors")).unwrap();
+        let name = lora.names().next().unwrap().to_string();
+        assert_eq!(lora.get(&name).unwrap().dtype, burn::tensor::DType::F32, "{dtype}");
+    }
 }
 
 /// Pair generation uses the folder's own scheduler, like `sample`; one this project does not
