@@ -8,13 +8,17 @@ use burn::tensor::activation::gelu;
 use burn::tensor::module::attention;
 use burn::tensor::ops::AttentionModuleOptions;
 
+use super::attention_backward::try_memory_efficient;
 use super::layers::{GroupNorm32, LayerNorm, Linear, torch_conv_init};
 
 /// Multi-head scaled dot-product attention on `[batch, len, heads·head_dim]` projections.
 ///
 /// The single place where the kernel is chosen: Burn's fused `module::attention` (flash kernels on
-/// CubeCL backends, a tiled path on Flex; autodiff falls back to the decomposed form). The scale is
-/// left to its 1/√head_dim default so CubeCL may pick a fused kernel.
+/// CubeCL backends, a tiled path on Flex). When training, the non-causal attentions (the UNet's and
+/// the VAE's) record a backward pass that recomputes the attention map
+/// ([`try_memory_efficient`]); the text encoder's causal one takes Burn's decomposed form, whose
+/// maps are small at 77 tokens. The scale is left to its 1/√head_dim default so CubeCL may pick a
+/// fused kernel.
 pub fn multi_head_attention<B: Backend>(
     q: Tensor<B, 3>,
     k: Tensor<B, 3>,
@@ -26,8 +30,12 @@ pub fn multi_head_attention<B: Backend>(
     let len_kv = k.dims()[1];
     let head_dim = inner / heads;
     let split = |x: Tensor<B, 3>, len: usize| x.reshape([batch, len, heads, head_dim]).swap_dims(1, 2);
-    let options = AttentionModuleOptions { is_causal: causal, ..Default::default() };
-    let out = attention(split(q, len_q), split(k, len_kv), split(v, len_kv), None, None, options);
+    let qkv = (split(q, len_q), split(k, len_kv), split(v, len_kv));
+    let recomputing = if causal { Err(qkv) } else { try_memory_efficient(qkv) };
+    let out = recomputing.unwrap_or_else(|(q, k, v)| {
+        let options = AttentionModuleOptions { is_causal: causal, ..Default::default() };
+        attention(q, k, v, None, None, options)
+    });
     out.swap_dims(1, 2).reshape([batch, len_q, inner])
 }
 

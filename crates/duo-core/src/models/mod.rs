@@ -2,6 +2,7 @@
 //! weight keys (see `weights.rs` for the few exceptions).
 
 pub mod attention;
+pub mod attention_backward;
 pub mod autoencoder_kl;
 pub mod clip_text;
 pub mod config;

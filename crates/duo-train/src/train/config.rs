@@ -100,7 +100,7 @@ pub struct TrainingSection {
     pub seed: u64,
     /// Recompute the cheap, memory-bound ops (softmax, norms, activations) in the backward pass
     /// instead of storing their outputs (Burn's balanced checkpointing). Same gradients, less
-    /// memory, more time: SD 1.4 at 512² needs it to fit in 24 GB.
+    /// memory, more time.
     pub gradient_checkpointing: bool,
 }
 
