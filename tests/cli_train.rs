@@ -11,21 +11,20 @@ fn tmp(name: &str) -> PathBuf {
     std::env::temp_dir().join(format!("duo-cli-train-{}-{name}", std::process::id()))
 }
 
-/// The pipeline fixture's latents through the CLI give diffusers' image (the same check as the
-/// library test, through argument parsing, latents loading and tensor saving).
-#[test]
-fn sample_with_given_latents_matches_diffusers() {
+/// `duo-train sample` on the DDIM pipeline fixture's prompts and latents, in `dtype`, writing
+/// `<name>.png`. Returns the max abs difference of the image from diffusers' (f32) and the PNG.
+fn sample_the_diffusers_case(name: &str, dtype: &str) -> (f64, PathBuf) {
     let fixtures = root().join("tests/fixtures");
-    let case = fixtures.join("pipelines/txt2img-ddim.safetensors");
-    let latents = tmp("latents.safetensors");
-    let file = duo_core::tensor_file::TensorFile::read(&case).unwrap();
+    let file = duo_core::tensor_file::TensorFile::read(&fixtures.join("pipelines/txt2img-ddim.safetensors"))
+        .unwrap();
+    let latents = tmp(&format!("{name}-latents.safetensors"));
     duo_core::tensor_file::write_tensor_file(&latents, &[("latents", file.get("latents").unwrap().clone())])
         .unwrap();
-    let (png, tensor) = (tmp("out.png"), tmp("image.safetensors"));
-    let status = Command::new(env!("CARGO_BIN_EXE_duo-train"))
+    let (png, tensor) = (tmp(&format!("{name}.png")), tmp(&format!("{name}.safetensors")));
+    let output = Command::new(env!("CARGO_BIN_EXE_duo-train"))
         .args(["--device", "cpu", "sample", "--scheduler", "ddim", "--steps", "5", "--guidance", "7.5"])
         .args(["--prompt", "a photo of a cat", "--prompt", "an astronaut riding a horse on the moon"])
-        .args(["--negative-prompt", "blurry, low quality", "--negative-prompt", "ugly"])
+        .args(["--negative-prompt", "blurry, low quality", "--negative-prompt", "ugly", "--dtype", dtype])
         .arg("--model")
         .arg(fixtures.join("models/sd1-tiny"))
         .arg("--latents")
@@ -34,12 +33,19 @@ fn sample_with_given_latents_matches_diffusers() {
         .arg(&png)
         .arg("--save-tensor")
         .arg(&tensor)
-        .status()
+        .output()
         .unwrap();
-    assert!(status.success());
+    assert!(output.status.success(), "{dtype}: {}", String::from_utf8_lossy(&output.stderr));
     let ours = duo_core::tensor_file::TensorFile::read(&tensor).unwrap().get_f64_vec("image").unwrap();
     let expected = file.get_f64_vec("image").unwrap();
-    let err = ours.iter().zip(&expected).map(|(a, b)| (a - b).abs()).fold(0.0, f64::max);
+    (ours.iter().zip(&expected).map(|(a, b)| (a - b).abs()).fold(0.0, f64::max), png)
+}
+
+/// The pipeline fixture's latents through the CLI give diffusers' image (the same check as the
+/// library test, through argument parsing, latents loading and tensor saving).
+#[test]
+fn sample_with_given_latents_matches_diffusers() {
+    let (err, png) = sample_the_diffusers_case("f32", "f32");
     assert!(err < 2e-3, "max abs error {err}");
     let img = image::open(&png).unwrap();
     assert_eq!((img.width(), img.height()), (16 * 2 + 2, 16), "a two-image grid");
@@ -227,33 +233,9 @@ fn sample_applies_lora_files_with_weights() {
 #[test]
 fn sample_runs_in_f16_and_bf16() {
     let fixtures = root().join("tests/fixtures");
-    let case = fixtures.join("pipelines/txt2img-ddim.safetensors");
-    let file = duo_core::tensor_file::TensorFile::read(&case).unwrap();
-    let latents = tmp("half-latents.safetensors");
-    duo_core::tensor_file::write_tensor_file(&latents, &[("latents", file.get("latents").unwrap().clone())])
-        .unwrap();
-    let expected = file.get_f64_vec("image").unwrap();
     // f16 keeps 11 significant bits, bf16 8: their images differ from f32 by rounding, not more.
     for (dtype, tolerance) in [("f16", 1e-2), ("bf16", 5e-2)] {
-        let (png, tensor) = (tmp(&format!("{dtype}.png")), tmp(&format!("{dtype}.safetensors")));
-        let output = Command::new(env!("CARGO_BIN_EXE_duo-train"))
-            .args(["--device", "cpu", "sample", "--scheduler", "ddim", "--steps", "5", "--guidance", "7.5"])
-            .args(["--prompt", "a photo of a cat", "--prompt", "an astronaut riding a horse on the moon"])
-            .args(["--negative-prompt", "blurry, low quality", "--negative-prompt", "ugly", "--dtype", dtype])
-            .arg("--model")
-            .arg(fixtures.join("models/sd1-tiny"))
-            .arg("--latents")
-            .arg(&latents)
-            .arg("--out")
-            .arg(&png)
-            .arg("--save-tensor")
-            .arg(&tensor)
-            .output()
-            .unwrap();
-        assert!(output.status.success(), "{dtype}: {}", String::from_utf8_lossy(&output.stderr));
-        let ours = duo_core::tensor_file::TensorFile::read(&tensor).unwrap().get_f64_vec("image").unwrap();
-        let err = ours.iter().zip(&expected).map(|(a, b)| (a - b).abs()).fold(0.0, f64::max);
-        println!("{dtype}: max abs error {err}");
+        let (err, png) = sample_the_diffusers_case(dtype, dtype);
         assert!(err > 0.0 && err < tolerance, "{dtype}: max abs error {err}");
         let edited = Command::new(env!("CARGO_BIN_EXE_duo-train"))
             .args(["--device", "cpu", "sample", "--steps", "3", "--prompt", "a red cross", "--dtype", dtype])
