@@ -202,6 +202,9 @@ fn quality_writes_figures_gates_and_grid() {
 
     // grid: 10 rows (6 shapes, 3 held-out crosses, unconditional) × 2 seeds of 128² tiles, 2 px gaps
     assert_eq!(report["grid_rows"].as_array().unwrap().len(), 10);
+    let labels = report["grid_judge_labels"].as_array().unwrap();
+    assert_eq!(labels.len(), 10);
+    assert!(labels.iter().all(|row| row.as_array().unwrap().len() == 2), "{labels:?}");
     assert_eq!(png_size(&out.join("grid.png")), (2 * 128 + 2, 10 * 128 + 9 * 2));
     assert_eq!(report["settings"]["lora"], serde_json::json!([]));
 

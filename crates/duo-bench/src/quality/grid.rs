@@ -32,6 +32,10 @@ impl<B: Backend> GridCollector<B> {
         &self.rows
     }
 
+    pub fn columns(&self) -> usize {
+        self.columns
+    }
+
     /// Keeps `image` [1, 3, H, W] if `(prompt, seed)` is one of the grid's cells. Seeds are the
     /// column index, since every prompt is generated from seeds 0, 1, 2, ...
     pub fn offer(&mut self, prompt: &str, seed: u64, image: impl FnOnce() -> Tensor<B, 4>) {

@@ -115,6 +115,20 @@ impl BackendTask for QualityTask {
         bar.finish_and_clear();
 
         let unconditional = unconditional.into_iter().next().unwrap_or_default();
+        let grid_judge_labels = grid
+            .rows()
+            .iter()
+            .map(|row| {
+                let row_verdicts = if row == UNCONDITIONAL_PROMPT {
+                    &unconditional
+                } else {
+                    &verdicts[prompts.iter().position(|p| p == row).expect("grid rows are sampled prompts")]
+                };
+                let label =
+                    |v: &Verdict| format!("{} {} ({:.2})", v.colour.name(), v.shape.name(), v.shape_prob);
+                row_verdicts.iter().take(grid.columns()).map(label).collect()
+            })
+            .collect();
         let metrics = tally(&cases, &verdicts, &unconditional)?;
         let gates = Gates::of(&metrics);
         let report = QualityReport {
@@ -132,6 +146,7 @@ impl BackendTask for QualityTask {
             metrics,
             gates,
             grid_rows: grid.rows().to_vec(),
+            grid_judge_labels,
         };
         let json_path = args.out.join("quality.json");
         let grid_path = args.out.join("grid.png");

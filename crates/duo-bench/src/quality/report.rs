@@ -31,6 +31,9 @@ pub struct QualityReport {
     pub gates: Gates,
     /// The prompt of each grid.png row, top to bottom ("" is the unconditional row).
     pub grid_rows: Vec<String>,
+    /// The judge's reading of each grid.png cell ("colour shape (shape probability)"; rows as
+    /// `grid_rows`, columns by seed), to check the judge against the picture by eye.
+    pub grid_judge_labels: Vec<Vec<String>>,
 }
 
 impl QualityReport {
