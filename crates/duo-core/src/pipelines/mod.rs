@@ -8,7 +8,7 @@ pub use image_io::{load_image, save_image_grid, save_png, tensor_to_rgb8};
 pub use noise::NoiseSource;
 
 use burn::prelude::*;
-use burn::tensor::{DType, FloatDType};
+use burn::tensor::FloatDType;
 
 use crate::device::float_dtype;
 use crate::error::{DuoError, Result};
@@ -31,7 +31,7 @@ pub struct StableDiffusion<B: Backend> {
     pub unet_sample_size: Option<usize>,
     /// The networks' float type (`--dtype`). Latents and the scheduler's arithmetic stay f32, as
     /// the networks' inputs are cast to it and their outputs back.
-    pub dtype: DType,
+    pub dtype: FloatDType,
     pub device: B::Device,
 }
 
@@ -79,7 +79,7 @@ impl<B: Backend> StableDiffusion<B> {
             vae_scale_factor: vae_config.downscale_factor(),
             latent_channels: vae_config.latent_channels,
             unet_sample_size,
-            dtype: folder.dtype(),
+            dtype: float_dtype(folder.dtype()),
             device: device.clone(),
         })
     }
@@ -150,14 +150,14 @@ impl<B: Backend> StableDiffusion<B> {
         let Conditioning { context, guidance_scale } = conditioning;
         let guided = guidance_scale > 1.0;
         let batch = latents.dims()[0];
-        let context = context.cast(float_dtype(self.dtype));
+        let context = context.cast(self.dtype);
         let mut state = scheduler.initial_state();
         let timesteps = scheduler.timesteps();
         for (i, &t) in timesteps.iter().enumerate().skip(start) {
             // scale, unet, guidance, step
             let input =
                 if guided { Tensor::cat(vec![latents.clone(), latents.clone()], 0) } else { latents.clone() };
-            let input = scheduler.scale_model_input(input, i).cast(float_dtype(self.dtype));
+            let input = scheduler.scale_model_input(input, i).cast(self.dtype);
             let t = Tensor::<B, 1>::full([input.dims()[0]], t as f32, &self.device);
             let prediction = self.unet.forward(input, t, context.clone()).cast(FloatDType::F32);
             let prediction = if guided {
@@ -179,7 +179,7 @@ impl<B: Backend> StableDiffusion<B> {
 
     /// Latents → image [b, 3, H, W] in [0, 1] (before 8-bit quantisation).
     pub fn decode(&self, latents: Tensor<B, 4>) -> Tensor<B, 4> {
-        let latents = (latents / self.vae.scaling_factor).cast(float_dtype(self.dtype));
+        let latents = (latents / self.vae.scaling_factor).cast(self.dtype);
         let image = self.vae.decode(latents).cast(FloatDType::F32);
         (image / 2.0 + 0.5).clamp(0.0, 1.0)
     }
@@ -214,7 +214,7 @@ impl<B: Backend> StableDiffusion<B> {
         noise: &mut NoiseSource,
     ) -> Result<(Tensor<B, 4>, usize)> {
         let start = img2img_start_index(scheduler, strength)?;
-        let dist = self.vae.encode(image.cast(float_dtype(self.dtype)));
+        let dist = self.vae.encode(image.cast(self.dtype));
         let (vae_noise, start_noise) = match draws {
             Some(d) => d,
             None => {
@@ -222,8 +222,7 @@ impl<B: Backend> StableDiffusion<B> {
                 (noise.normal::<B, 4>(shape, &self.device), noise.normal::<B, 4>(shape, &self.device))
             }
         };
-        let latents = dist.sample(vae_noise.cast(float_dtype(self.dtype))).cast(FloatDType::F32)
-            * self.vae.scaling_factor;
+        let latents = dist.sample(vae_noise.cast(self.dtype)).cast(FloatDType::F32) * self.vae.scaling_factor;
         Ok((scheduler.add_noise(latents, start_noise, start), start))
     }
 
