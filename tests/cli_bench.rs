@@ -206,6 +206,8 @@ fn quality_writes_figures_gates_and_grid() {
     assert_eq!(labels.len(), 10);
     assert!(labels.iter().all(|row| row.as_array().unwrap().len() == 2), "{labels:?}");
     assert_eq!(png_size(&out.join("grid.png")), (2 * 128 + 2, 10 * 128 + 9 * 2));
+    // and the same cells at the model's 32×32, for hand-labelling
+    assert_eq!(png_size(&out.join("grid-tiles.png")), (2 * 32 + 2, 10 * 32 + 9 * 2));
     assert_eq!(report["settings"]["lora"], serde_json::json!([]));
 
     // a LoRA to apply is read before anything is generated; a missing one is named

@@ -9,7 +9,7 @@ use duo_core::tensor_file::{TensorFile, write_tensor_file};
 use duo_core::tokenizer::ClipTokenizer;
 use duo_core::{DuoError, ModelFolder, Result};
 
-use crate::{judge_train, perf, quality};
+use crate::{judge_check, judge_train, perf, quality};
 
 #[derive(Parser, Debug)]
 #[command(
@@ -64,12 +64,15 @@ pub enum Command {
     /// Time the UNet (forward, forward+backward), its peak memory and sampling throughput.
     Perf(perf::PerfArgs),
     /// Issue 3's quality gates: shape/colour accuracy, cross and plus rates and unconditional coverage
-    /// of a toy-world model, read by the concept judge. Writes quality.json and grid.png.
+    /// of a toy-world model, read by the concept judge. Writes quality.json, grid.png and grid-tiles.png.
     Quality(quality::QualityArgs),
     /// Retrain the toy-world concept judge with the shipped recipe (every setting defaults to the one
     /// that produced models/judge), evaluate it on held-out renders and write config.json,
     /// model.safetensors and metrics.json into --out.
     JudgeTrain(judge_train::JudgeTrainArgs),
+    /// Score a concept judge against a person's shape labels of generated images (by default the
+    /// hand check in tests/fixtures/judge-hand-check): agreement, per-shape recall, the misreads.
+    JudgeCheck(judge_check::JudgeCheckArgs),
 }
 
 pub fn run(cli: Cli) -> Result<()> {
@@ -88,6 +91,7 @@ pub fn run(cli: Cli) -> Result<()> {
         Command::Perf(args) => perf::run(args, device, float),
         Command::Quality(args) => quality::run(args, device, float),
         Command::JudgeTrain(args) => judge_train::run(args, device, float),
+        Command::JudgeCheck(args) => judge_check::run(args, device, float),
     }
 }
 

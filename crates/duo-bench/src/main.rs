@@ -3,6 +3,7 @@
 //! quality gates of a toy-world model, and retraining its concept judge.
 
 mod cli;
+mod judge_check;
 mod judge_train;
 mod perf;
 mod quality;

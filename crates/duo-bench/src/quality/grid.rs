@@ -1,5 +1,7 @@
 //! grid.png: a few prompts (rows) × the first seeds (columns), collected as the images stream past,
-//! so that the grid costs no extra generation.
+//! so that the grid costs no extra generation; and grid-tiles.png, the same cells at their own size,
+//! the exact pixels the judge saw (hand checks of the judge label these:
+//! tests/fixtures/judge-hand-check).
 
 use std::path::Path;
 
@@ -13,6 +15,9 @@ use duo_core::{DuoError, Result};
 pub const MAX_COLUMNS: usize = 8;
 /// 32×32 tiles are too small to look at; nearest-neighbour zoom keeps the pixels honest.
 const ZOOM: usize = 4;
+
+pub const GRID_FILE: &str = "grid.png";
+pub const TILES_FILE: &str = "grid-tiles.png";
 
 pub struct GridCollector<B: Backend> {
     rows: Vec<String>,
@@ -48,8 +53,9 @@ impl<B: Backend> GridCollector<B> {
         }
     }
 
-    /// Writes the grid (atomically). Every cell must have been offered.
-    pub fn save(self, path: &Path) -> Result<()> {
+    /// Writes `dir/grid.png` and `dir/grid-tiles.png` (each atomically). Every cell must have
+    /// been offered.
+    pub fn save(self, dir: &Path) -> Result<()> {
         let mut tiles = Vec::with_capacity(self.tiles.len());
         for (i, tile) in self.tiles.into_iter().enumerate() {
             let (row, column) = (i / self.columns, i % self.columns);
@@ -65,9 +71,10 @@ impl<B: Backend> GridCollector<B> {
         }
         let images = Tensor::cat(tiles, 0);
         let [_, _, h, w] = images.dims();
+        save_image_grid(&images, self.columns, &dir.join(TILES_FILE))?;
         let zoomed =
             interpolate(images, [h * ZOOM, w * ZOOM], InterpolateOptions::new(InterpolateMode::Nearest));
-        save_image_grid(&zoomed, self.columns, path)
+        save_image_grid(&zoomed, self.columns, &dir.join(GRID_FILE))
     }
 }
 
@@ -98,7 +105,7 @@ mod tests {
         missing.offer("a", 0, || tile(0.0));
         missing.offer("a", 1, || tile(0.0));
         missing.offer("b", 1, || tile(0.0));
-        let err = missing.save(Path::new("/nonexistent/never.png")).unwrap_err().to_string();
+        let err = missing.save(Path::new("/nonexistent")).unwrap_err().to_string();
         assert!(err.contains("\"b\", seed 0"), "{err}");
     }
 }

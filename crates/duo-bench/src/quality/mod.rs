@@ -1,7 +1,8 @@
 //! `duo-bench quality`: issue 3's quality gates for a toy-world model. Every canonical shape × colour
 //! prompt and every held-out wording of the cross is sampled from the same seeds, the concept judge
 //! reads each image, and the counts become shape/colour accuracy, cross and plus rates and the
-//! unconditional shape coverage (see [`tally`]). Writes `quality.json` and `grid.png`; the exit
+//! unconditional shape coverage (see [`tally`]). Writes `quality.json`, `grid.png` and
+//! `grid-tiles.png` (the grid's cells unzoomed); the exit
 //! status is 0 whether or not the gates pass, since this is a measurement.
 
 mod cases;
@@ -22,7 +23,7 @@ use duo_core::{DuoError, ModelFolder, Result};
 use indicatif::{ProgressBar, ProgressStyle};
 
 use cases::{UNCONDITIONAL_PROMPT, conditional_cases, grid_rows};
-use grid::GridCollector;
+use grid::{GRID_FILE, GridCollector, TILES_FILE};
 use report::{QualityReport, Settings};
 use tally::{Gates, tally};
 
@@ -49,7 +50,7 @@ pub struct QualityArgs {
     /// Images generated at once.
     #[arg(long, default_value_t = 16)]
     pub batch: usize,
-    /// Folder for quality.json and grid.png.
+    /// Folder for quality.json, grid.png and grid-tiles.png (the same cells unzoomed).
     #[arg(long)]
     pub out: PathBuf,
     /// LoRA weights FILE[:WEIGHT] applied to the UNet (repeatable; their deltas add up), e.g. to
@@ -149,11 +150,10 @@ impl BackendTask for QualityTask {
             grid_judge_labels,
         };
         let json_path = args.out.join("quality.json");
-        let grid_path = args.out.join("grid.png");
-        grid.save(&grid_path)?;
+        grid.save(&args.out)?;
         report.write(&json_path)?;
         report.print();
-        println!("wrote {} and {}", json_path.display(), grid_path.display());
+        println!("wrote {}, {GRID_FILE} and {TILES_FILE} in {}", json_path.display(), args.out.display());
         Ok(())
     }
 }

@@ -8,6 +8,7 @@
 //! the recipe and the accuracies measured.
 
 mod augment;
+mod hand_check;
 mod model;
 mod train;
 
@@ -20,6 +21,7 @@ use burn::tensor::{DType, FloatDType};
 use serde::Serialize;
 
 pub use augment::AugmentConfig;
+pub use hand_check::{HandCheckReport, HandLabels};
 pub use model::{ConceptJudge, ConvBlock, JudgeConfig, JudgeLogits};
 pub use train::{EvalReport, JudgeReport, JudgeTrainConfig, evaluate, train_judge};
 

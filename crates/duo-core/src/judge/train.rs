@@ -28,8 +28,9 @@ const EVAL_CHUNK: usize = 256;
 #[serde(deny_unknown_fields)]
 pub struct JudgeTrainConfig {
     pub model: JudgeConfig,
-    /// Scenes to train on: more size and position jitter than the diffusion models' world, so
-    /// that a generated object a little off in size or place is still read right.
+    /// Scenes to train on: more size and position jitter than the diffusion models' world, and
+    /// outlines grown by up to `max_dilation`, so that a generated object a little off in size,
+    /// place or thickness is still read right.
     pub train_world: WorldConfig,
     /// Held-out scenes to measure on: the world the diffusion models learn.
     pub eval_world: WorldConfig,
@@ -56,18 +57,27 @@ impl Default for JudgeTrainConfig {
     fn default() -> Self {
         Self {
             model: JudgeConfig::default(),
-            train_world: WorldConfig { size_jitter: 0.2, shift: 0.08, ..WorldConfig::default() },
+            // Fat, round-cornered crosses were read as squares before outlines grew in training
+            // (tests/fixtures/judge-hand-check).
+            train_world: WorldConfig {
+                size_jitter: 0.2,
+                shift: 0.08,
+                max_dilation: 0.15,
+                ..WorldConfig::default()
+            },
             eval_world: WorldConfig::default(),
             augment: AugmentConfig::default(),
             stress_augment: AugmentConfig {
                 max_shift: 3,
                 colour_jitter: 0.08,
                 blur_prob: 0.7,
-                max_blur_sigma: 1.5,
+                max_blur_sigma: 1.6,
                 noise_prob: 1.0,
                 max_noise_std: 0.3,
+                tint_prob: 0.7,
+                max_tint: 0.4,
             },
-            steps: 400,
+            steps: 600,
             batch_size: 64,
             learning_rate: 3e-3,
             warmup_steps: 30,

@@ -40,6 +40,13 @@ pub struct WorldConfig {
     pub size_jitter: f32,
     /// Largest offset of the object's centre from the image centre, per axis.
     pub shift: f32,
+    /// Largest outward growth of the outline, in shape units (the shape spans about [-1, 1]);
+    /// each scene draws its own in [0, max_dilation]. Grown shapes are fatter, with rounded
+    /// corners, as a small diffusion model draws them: the judge trains on them so that it reads
+    /// a fat cross as a cross. The diffusion world keeps 0 (and then draws nothing for it, so its
+    /// sample streams are those of worlds made before this setting existed).
+    #[serde(default)]
+    pub max_dilation: f32,
 }
 
 impl Default for WorldConfig {
@@ -47,7 +54,7 @@ impl Default for WorldConfig {
     /// because a tiny model learns shape words slowly and jitter makes that harder
     /// (toy-world-notes.md).
     fn default() -> Self {
-        Self { resolution: 32, size: 0.30, size_jitter: 0.10, shift: 0.05 }
+        Self { resolution: 32, size: 0.30, size_jitter: 0.10, shift: 0.05, max_dilation: 0.0 }
     }
 }
 
@@ -67,11 +74,15 @@ impl WorldConfig {
         if !(0.0..=0.2).contains(&self.shift) {
             return invalid(format!("shift {} is not in [0, 0.2]", self.shift));
         }
-        let reach = self.size * (1.0 + self.size_jitter) + self.shift;
+        if !(0.0..=0.5).contains(&self.max_dilation) {
+            return invalid(format!("max_dilation {} is not in [0, 0.5]", self.max_dilation));
+        }
+        let reach = self.size * (1.0 + self.size_jitter) * (1.0 + self.max_dilation) + self.shift;
         if reach > 0.5 {
             return invalid(format!(
-                "size {} × (1 + size_jitter {}) + shift {} = {reach} > 0.5: the object could leave the image",
-                self.size, self.size_jitter, self.shift
+                "size {} × (1 + size_jitter {}) × (1 + max_dilation {}) + shift {} = {reach} > 0.5: \
+                 the object could leave the image",
+                self.size, self.size_jitter, self.max_dilation, self.shift
             ));
         }
         Ok(())
@@ -90,12 +101,15 @@ pub struct Scene {
     /// (x to the right, y downwards).
     pub dx: f32,
     pub dy: f32,
+    /// Outward growth of the outline, in shape units ([`WorldConfig::max_dilation`]).
+    #[serde(default)]
+    pub dilation: f32,
 }
 
 impl Scene {
     /// The object at the config's mean size, centred: a jitter-free reference.
     pub fn centred(shape: Shape, colour: Colour, background: Background, config: &WorldConfig) -> Self {
-        Self { shape, colour, background, size: config.size, dx: 0.0, dy: 0.0 }
+        Self { shape, colour, background, size: config.size, dx: 0.0, dy: 0.0, dilation: 0.0 }
     }
 
     /// Uniform shape, colour and background; size and position jittered as `config` says.
@@ -106,7 +120,8 @@ impl Scene {
         let size = config.size * (1.0 + config.size_jitter * symmetric(rng));
         let dx = config.shift * symmetric(rng);
         let dy = config.shift * symmetric(rng);
-        Self { shape, colour, background, size, dx, dy }
+        let dilation = if config.max_dilation > 0.0 { config.max_dilation * unit(rng) } else { 0.0 };
+        Self { shape, colour, background, size, dx, dy, dilation }
     }
 
     /// The image, `resolution`×`resolution`, with anti-aliased edges.

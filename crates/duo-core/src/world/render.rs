@@ -63,7 +63,8 @@ pub fn render(scene: &Scene, resolution: usize) -> RgbImage {
         // Sample at the pixel centre; the SDF scales linearly, so distance in pixels is
         // distance in shape units times `scale`.
         let p = [(x as f32 + 0.5 - centre[0]) / scale, (y as f32 + 0.5 - centre[1]) / scale];
-        let alpha = coverage(shape_sdf(scene.shape, p) * scale);
+        // Subtracting from an exact SDF grows the outline by that much and rounds its corners.
+        let alpha = coverage((shape_sdf(scene.shape, p) - scene.dilation) * scale);
         *pixel = Rgb(std::array::from_fn(|c| to_u8(back + (fill[c] - back) * alpha)));
     }
     image

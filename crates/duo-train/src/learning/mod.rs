@@ -37,18 +37,21 @@ use burn::train::{
     EarlyStoppingStrategy, InferenceStep, Interrupter, ItemLazy, Learner, SupervisedTraining, TrainStep,
 };
 use duo_core::{DuoError, Result};
+use serde::{Deserialize, Serialize};
 
 pub use epoch_loader::EpochLoader;
 pub use recorder::AtomicRecorder;
 use renderer::LineRenderer;
 
 /// How long and how a run trains.
-#[derive(Debug, Clone, Copy, PartialEq)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct Schedule {
     /// Optimizer steps.
     pub steps: usize,
     pub batch_size: usize,
     pub lr: f64,
+    /// Later rates replacing `lr`, in step order.
+    pub lr_changes: Vec<LrChange>,
     pub weight_decay: f64,
     pub warmup: usize,
     pub checkpoint_every: usize,
@@ -143,18 +146,28 @@ impl Numeric for ScalarMetric {
     }
 }
 
-/// Linear warm-up to `lr` over `warmup` steps, then constant. burn calls `step` once per batch,
-/// before it (§2.3), so the first step trains at `lr / warmup`. The record is the step count.
+/// From the step after `after_step` on, the learning rate is `lr`.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LrChange {
+    pub after_step: usize,
+    pub lr: f64,
+}
+
+/// Linear warm-up to `lr` over `warmup` steps, then constant but for `changes` (in step order).
+/// burn calls `step` once per batch, before it (§2.3), so the first step trains at `lr / warmup`.
+/// The record is the step count, so a resumed run continues on the same rates.
 #[derive(Debug, Clone)]
 pub struct WarmupLr {
     lr: f64,
     warmup: usize,
+    changes: Vec<LrChange>,
     step: usize,
 }
 
 impl WarmupLr {
-    pub fn new(lr: f64, warmup: usize) -> Self {
-        Self { lr, warmup, step: 0 }
+    pub fn new(lr: f64, warmup: usize, changes: Vec<LrChange>) -> Self {
+        Self { lr, warmup, changes, step: 0 }
     }
 }
 
@@ -163,7 +176,8 @@ impl LrScheduler for WarmupLr {
 
     fn step(&mut self) -> f64 {
         self.step += 1;
-        if self.step >= self.warmup { self.lr } else { self.lr * self.step as f64 / self.warmup as f64 }
+        let lr = self.changes.iter().rev().find(|c| self.step > c.after_step).map_or(self.lr, |c| c.lr);
+        if self.step >= self.warmup { lr } else { lr * self.step as f64 / self.warmup as f64 }
     }
 
     fn to_record<B: Backend>(&self) -> usize {
@@ -357,10 +371,36 @@ impl Stage<'_> {
         }
         // The TUI when a person watches; lines with the metrics otherwise (§2.5).
         if !std::io::stdout().is_terminal() {
-            training = training.renderer(LineRenderer::new(self.name, *s, self.log_every));
+            training = training.renderer(LineRenderer::new(self.name, s.clone(), self.log_every));
         }
-        let result = training.launch(Learner::new(model, optimizer, WarmupLr::new(s.lr, s.warmup)));
+        let result = training.launch(Learner::new(
+            model,
+            optimizer,
+            WarmupLr::new(s.lr, s.warmup, s.lr_changes.clone()),
+        ));
         let epoch = latest_checkpoint::<B>(&self.dir).unwrap_or(0);
         Ok(StageResult { model: result.model, epoch, complete: epoch >= epochs })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    type B = burn::backend::Flex;
+
+    fn rates(scheduler: &mut WarmupLr, steps: usize) -> Vec<f64> {
+        (0..steps).map(|_| scheduler.step()).collect()
+    }
+
+    #[test]
+    fn warm_up_then_each_change_from_the_step_after_it() {
+        let changes = vec![LrChange { after_step: 4, lr: 2e-3 }, LrChange { after_step: 6, lr: 5e-4 }];
+        let mut scheduler = WarmupLr::new(1e-3, 2, changes.clone());
+        assert_eq!(rates(&mut scheduler, 8), [5e-4, 1e-3, 1e-3, 1e-3, 2e-3, 2e-3, 5e-4, 5e-4]);
+        // A run resumed after step 3 continues on the same rates.
+        let resumed = WarmupLr::new(1e-3, 2, changes).load_record::<B>(3);
+        assert_eq!(rates(&mut resumed.clone(), 4), [1e-3, 2e-3, 2e-3, 5e-4]);
+        assert_eq!(resumed.to_record::<B>(), 3);
     }
 }

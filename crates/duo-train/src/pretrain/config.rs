@@ -9,7 +9,7 @@ use std::path::{Path, PathBuf};
 
 use duo_core::world::WorldConfig;
 
-use crate::learning::Schedule;
+use crate::learning::{LrChange, Schedule};
 use duo_core::{DuoError, Result};
 use serde::{Deserialize, Serialize};
 
@@ -46,6 +46,7 @@ impl WorldSection {
             size: self.size,
             size_jitter: self.size_jitter,
             shift: self.shift,
+            max_dilation: 0.0,
         }
     }
 }
@@ -110,6 +111,10 @@ pub struct DiffusionTraining {
     pub steps: usize,
     pub batch_size: usize,
     pub lr: f64,
+    /// Later learning rates, each from the step after `after_step` on, in step order
+    /// (`lr_changes = [{ after_step = 1000, lr = 2e-3 }]`); none by default.
+    #[serde(default)]
+    pub lr_changes: Vec<LrChange>,
     pub weight_decay: f64,
     pub warmup: usize,
     pub checkpoint_every: usize,
@@ -139,6 +144,7 @@ impl VaeTraining {
             steps: self.steps,
             batch_size: self.batch_size,
             lr: self.lr,
+            lr_changes: Vec::new(),
             weight_decay: self.weight_decay,
             warmup: self.warmup,
             checkpoint_every: self.checkpoint_every,
@@ -154,6 +160,7 @@ impl DiffusionTraining {
             steps: self.steps,
             batch_size: self.batch_size,
             lr: self.lr,
+            lr_changes: self.lr_changes.clone(),
             weight_decay: self.weight_decay,
             warmup: self.warmup,
             checkpoint_every: self.checkpoint_every,
@@ -250,6 +257,18 @@ impl PretrainConfig {
             // burn's AdamW and our warm-up take the rate in (0, 1].
             if !(s.lr > 0.0 && s.lr <= 1.0) {
                 return err(format!("{name}.lr={} is not in (0, 1]", s.lr));
+            }
+            for (i, change) in s.lr_changes.iter().enumerate() {
+                if !(change.lr > 0.0 && change.lr <= 1.0) {
+                    return err(format!("{name}.lr_changes[{i}].lr={} is not in (0, 1]", change.lr));
+                }
+                if i > 0 && change.after_step <= s.lr_changes[i - 1].after_step {
+                    return err(format!(
+                        "{name}.lr_changes[{i}].after_step={} does not follow the previous change's {}",
+                        change.after_step,
+                        s.lr_changes[i - 1].after_step
+                    ));
+                }
             }
             if s.weight_decay.is_nan() || s.weight_decay < 0.0 {
                 return err(format!("{name}.weight_decay={} is negative", s.weight_decay));

@@ -220,6 +220,7 @@ impl DuoConfig {
             steps: t.steps,
             batch_size: t.batch_size,
             lr: self.lr(),
+            lr_changes: Vec::new(),
             weight_decay: t.weight_decay,
             warmup: 0,
             checkpoint_every: t.checkpoint_every,

@@ -197,7 +197,7 @@ fn train<B: AutodiffBackend>(task: TrainTask, device: B::Device, dtype: DType) -
     let stage = Stage {
         name: "duo",
         dir: dir.clone(),
-        schedule,
+        schedule: schedule.clone(),
         log_every,
         control: &control,
         train_scalars: TRAIN_SCALARS,
