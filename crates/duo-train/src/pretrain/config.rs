@@ -396,5 +396,17 @@ mod tests {
         assert!(err("unet.layers_per_block=abc").contains("`abc` is not a TOML value"));
         assert!(err("unet.layers_per_block=1.5").contains("type integer, but `1.5` is of type float"));
         assert!(err("diffusion_training.steps=7").contains("not a multiple"));
+        let changes = |list: &str| err(&format!("diffusion_training.lr_changes={list}"));
+        let unordered = changes("[{ after_step = 5, lr = 1e-3 }, { after_step = 5, lr = 1e-4 }]");
+        assert!(unordered.contains("lr_changes[1].after_step=5 does not follow"), "{unordered}");
+        assert!(changes("[{ after_step = 5, lr = 0.0 }]").contains("lr_changes[0].lr=0 is not in (0, 1]"));
+    }
+
+    #[test]
+    fn the_shipped_recipe_raises_the_rate_after_step_1000() {
+        let config = PretrainConfig::load(&shipped(), &[]).unwrap();
+        let schedule = config.diffusion_training.schedule();
+        assert_eq!((schedule.lr, schedule.lr_changes), (1e-3, vec![LrChange { after_step: 1000, lr: 2e-3 }]));
+        assert!(config.vae_training.schedule().lr_changes.is_empty());
     }
 }
