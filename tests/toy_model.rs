@@ -21,7 +21,7 @@ fn root() -> PathBuf {
 fn the_shipped_toy_model_draws_each_shape_in_its_colour() {
     let device = Default::default();
     let sd =
-        StableDiffusion::<B>::load(&ModelFolder::open(&root().join("models/toy")).unwrap(), &device).unwrap();
+        StableDiffusion::<B>::load(&ModelFolder::open(root().join("models/toy")).unwrap(), &device).unwrap();
     let judge = ConceptJudge::<B>::load(&root().join("models/judge"), &device).unwrap();
     let asked: Vec<(Shape, Colour)> = Shape::ALL.into_iter().zip(Colour::ALL).collect();
     let generation = Generation {
