@@ -95,10 +95,8 @@ fn shipped_judge_agrees_with_hand_labels_of_generated_images() {
     // (labels file, cells labelled, of them crosses): a changed fixture fails here, not silently.
     for (file, labelled, crosses) in [("run2-step1500.json", 62, 14), ("run2b-step2000.json", 71, 30)] {
         let labels = HandLabels::read(&hand_check_dir().join(file)).unwrap();
-        let (n, side) = (labels.cells.len(), labels.tile_size);
-        let images =
-            Tensor::<B, 4>::from_data(TensorData::new(labels.pixels.clone(), [n, 3, side, side]), &device);
-        let report = labels.score(&judge.judge(images).unwrap()).unwrap();
+        let n = labels.cells.len();
+        let report = labels.score(&judge.judge(labels.images::<B>(&device)).unwrap()).unwrap();
         let (labelled_crosses, crosses_found) = report.recall[Shape::Cross.index()];
         println!(
             "{file}: agreed on {} of {} labelled cells; crosses found {crosses_found} of {labelled_crosses}; \

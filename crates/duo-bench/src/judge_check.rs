@@ -42,9 +42,8 @@ impl BackendTask for JudgeCheckTask {
     fn run<B: Backend>(self, device: B::Device, _dtype: DType) -> Result<()> {
         let judge = ConceptJudge::<B>::load(&self.args.judge, &device)?;
         for (path, labels) in self.args.labels.iter().zip(&self.labels) {
-            let (n, side) = (labels.cells.len(), labels.tile_size);
-            let pixels = TensorData::new(labels.pixels.clone(), [n, 3, side, side]);
-            let report = labels.score(&judge.judge(Tensor::<B, 4>::from_data(pixels, &device))?)?;
+            let report = labels.score(&judge.judge(labels.images::<B>(&device))?)?;
+            let n = labels.cells.len();
             println!("{}: {}", path.display(), labels.source);
             println!(
                 "judge {} agrees on {} of {} labelled cells ({:.1}%; {} cells unlabelled)",

@@ -13,6 +13,7 @@
 
 use std::path::{Path, PathBuf};
 
+use burn::prelude::*;
 use image::RgbImage;
 use serde::{Deserialize, Serialize};
 
@@ -128,6 +129,12 @@ impl HandLabels {
             tile_size: file.tile_size as usize,
             cells,
         })
+    }
+
+    /// The cells as one `[n, 3, tile_size, tile_size]` batch, as the judge takes them.
+    pub fn images<B: Backend>(&self, device: &B::Device) -> Tensor<B, 4> {
+        let (n, side) = (self.cells.len(), self.tile_size);
+        Tensor::from_data(TensorData::new(self.pixels.clone(), [n, 3, side, side]), device)
     }
 
     /// Scores the judge's `verdicts`, one per cell in order, against the labels.
