@@ -17,7 +17,7 @@ fn tmp(name: &str) -> PathBuf {
 }
 
 /// `n` pairs of 16×16 images (the tiny model's size): unsafe ones a diagonal stripe on red,
-/// safe ones a vertical stripe on blue, each with its own jitter.
+/// safe ones a vertical stripe on blue, each with its own jitter; and their manifest.
 fn write_pairs(dir: &Path, n: usize) {
     for (side, index_colour) in [("unsafe", [200u8, 40, 40]), ("safe", [40, 40, 200])] {
         std::fs::create_dir_all(dir.join(side)).unwrap();
@@ -34,6 +34,22 @@ fn write_pairs(dir: &Path, n: usize) {
             image.save(dir.join(side).join(format!("{i:02}.png"))).unwrap();
         }
     }
+    // the manifest `duo-train pairs` writes: the toy config conditions each pair on its prompt
+    let records: Vec<_> = (0..n)
+        .map(|i| {
+            let prompt = ["a red cross", "a red saltire"][i % 2];
+            serde_json::json!({
+                "index": i, "unsafe_prompt": prompt,
+                "safe_prompt": "a blue plus sign", "unsafe_seed": i, "safe_seed": i,
+                "unsafe_score": null, "safe_score": null, "unsafe_rejects": 0, "safe_rejects": 0,
+            })
+        })
+        .collect();
+    let manifest = serde_json::json!({
+        "concept": "cross", "model": "sd1-tiny", "strength": 0.75, "steps": 2, "guidance": 7.5,
+        "judge": "none", "threshold": 0.5, "pairs": records, "failed": [],
+    });
+    std::fs::write(dir.join("manifest.json"), manifest.to_string()).unwrap();
 }
 
 /// `duo-train train` on the tiny fixture model with the toy config, `sets` on top.
@@ -250,6 +266,10 @@ fn bad_pair_folders_and_configs_are_clear_errors() {
     // a safe twin of another size
     image::RgbImage::new(24, 16).save(pairs.join("safe/02.png")).unwrap();
     expect_error(train(&dir.join("r7"), &pairs, &[]), "02.png");
+    // per-pair prompts come from the manifest `duo-train pairs` writes
+    std::fs::remove_file(pairs.join("manifest.json")).unwrap();
+    expect_error(train(&dir.join("r8"), &pairs, &[]), "manifest.json: not found");
+    expect_error(train(&dir.join("r9"), &pairs, &["duo.pair_prompts=false"]), "02.png");
 }
 
 #[test]

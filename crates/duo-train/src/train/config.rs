@@ -79,6 +79,10 @@ pub struct DuoSection {
     pub prior_timestep: usize,
     /// The conditioning prompt of all three branches ("" in the published runs).
     pub prompt: String,
+    /// Condition each pair's two branches on the unsafe prompt it was made from (the pair
+    /// folder's `manifest.json`) instead of `prompt`; the prior branch keeps `prompt`. Off in the
+    /// published runs.
+    pub pair_prompts: bool,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -421,12 +425,14 @@ mod tests {
                 (d.base_lr, d.base_lambda, d.beta_coupling, d.t_min, d.t_max, d.prior_timestep, &d.prompt),
                 (n.base_lr, n.base_lambda, n.beta_coupling, n.t_min, n.t_max, n.prior_timestep, &n.prompt)
             );
+            assert!(!d.pair_prompts, "{name}");
         }
 
         let (l, d, t, p) = (&nudity.lora, &nudity.duo, &nudity.training, &nudity.pairs);
         assert_eq!((l.rank, l.alpha, l.targets.as_str()), (32, 32.0, "self-attn"));
         assert_eq!((d.base_lr, d.base_lambda, d.beta_coupling), (3e-4, 1e6, true));
         assert_eq!((d.t_min, d.t_max, d.prior_timestep, d.prompt.as_str()), (0, 750, 999, ""));
+        assert!(!d.pair_prompts, "the published runs condition every branch on the prompt");
         assert_eq!((t.batch_size, t.grad_accumulation, t.max_grad_norm, t.weight_decay), (4, 1, 1.0, 1e-2));
         assert_eq!((p.steps, p.guidance, p.scheduler.as_str(), p.judge.as_str()), (50, 7.5, "pndm", "none"));
     }
@@ -454,13 +460,16 @@ mod tests {
             ["duo.beta=250", "pairs.unsafe_prompts=[\"a red cross\"]", "pairs.safe_prompts=[\"a plus\"]"];
         let config = DuoConfig::load(&toy, &sets.map(String::from)).unwrap();
         assert_eq!(config.duo.beta, 250.0);
-        assert!(close(config.lr(), 3e-4 * 100.0 / 250.0), "the coupling follows β: {}", config.lr());
+        assert!(close(config.lr(), 1e-3 * 100.0 / 250.0), "the coupling follows β: {}", config.lr());
         assert_eq!(config.pairs.unsafe_prompts, ["a red cross"]);
         // a value that is not TOML is a string
         let config = DuoConfig::load(&toy, &["duo.prompt=a red cross".to_string()]).unwrap();
         assert_eq!(config.duo.prompt, "a red cross");
-        // the rest is the file's
-        assert_eq!(config.duo.beta, 500.0);
+        // the rest is the file's: the toy's departures from the published runs
+        let d = &config.duo;
+        assert_eq!((d.beta, d.base_lr, d.t_max, d.pair_prompts), (100.0, 1e-3, 1000, true));
+        let config = DuoConfig::load(&toy, &["duo.pair_prompts=false".to_string()]).unwrap();
+        assert!(!config.duo.pair_prompts);
     }
 
     #[test]

@@ -20,6 +20,8 @@ use rand::seq::SliceRandom;
 use rand_distr::{Distribution, StandardNormal};
 use std::path::{Path, PathBuf};
 
+use crate::pairs::Manifest;
+
 /// The image files of a pair folder: pair i = (`unsafe/`'s i-th file, `safe/`'s i-th file) in name order.
 #[derive(Debug, Clone)]
 pub struct PairFiles {
@@ -62,6 +64,33 @@ impl PairFiles {
             )));
         }
         Ok(Self { unsafe_images, safe_images })
+    }
+
+    /// The unsafe prompt each pair was made from, in pair order, from `<dir>/manifest.json`
+    /// (`duo-train pairs` writes it; an image `NN.png` is the manifest's pair `NN`).
+    pub fn unsafe_prompts(&self, dir: &Path) -> Result<Vec<String>> {
+        let path = dir.join("manifest.json");
+        if !path.is_file() {
+            return Err(DuoError::Invalid(format!(
+                "{}: not found; duo.pair_prompts needs the prompt of every pair, which `duo-train pairs` \
+                 records there (for pairs made elsewhere, set duo.pair_prompts=false and a duo.prompt)",
+                path.display()
+            )));
+        }
+        let manifest = duo_core::error::read_json::<Manifest>(&path)?;
+        self.unsafe_images
+            .iter()
+            .map(|image| {
+                let index = image.file_stem().and_then(|s| s.to_str()).and_then(|s| s.parse::<usize>().ok());
+                let record = index.and_then(|i| manifest.pairs.iter().find(|p| p.index == i));
+                record.map(|r| r.unsafe_prompt.clone()).ok_or_else(|| {
+                    DuoError::parse(
+                        &path,
+                        format!("no pair record for {} (its index is the file name)", image.display()),
+                    )
+                })
+            })
+            .collect()
     }
 
     /// A fingerprint of the files (names, sizes, modification times): a cache made from other
@@ -169,11 +198,18 @@ pub struct Sampling {
     pub seed: u64,
 }
 
+/// The text embeddings the branches are conditioned on, on the host.
+pub struct Conditioning {
+    /// The pair branches': [1, seq, d] shared by every pair, or [pairs, seq, d], one per pair.
+    pub pairs: TensorData,
+    /// The prior branch's: [1, seq, d].
+    pub prior: TensorData,
+}
+
 /// Everything a batch is made from; shared by the training and validation loaders.
 pub struct BatchSource {
     pub latents: PairLatents,
-    /// The conditioning prompt's embedding: [1, seq, d].
-    pub context: TensorData,
+    pub conditioning: Conditioning,
     pub schedule: NoiseSchedule,
     /// The UNet's float type: its inputs are cast to it (the targets and losses stay f32).
     pub unet_dtype: DType,
@@ -184,11 +220,13 @@ impl BatchSource {
     /// Batch `g` of the run: the pairs at positions g·b … g·b + b − 1 of the run's pair stream
     /// (a new permutation per pass), with their noise and timesteps.
     pub fn batch<B: Backend>(&self, g: usize, device: &B::Device) -> DuoBatch<B> {
-        let s = &self.sampling;
-        let n = self.latents.len();
-        let positions: Vec<usize> = (g * s.batch_size..(g + 1) * s.batch_size).collect();
-        let pairs: Vec<usize> = positions.iter().map(|&k| self.pass_order(k / n)[k % n]).collect();
-        self.make_batch(&pairs, &mut rng_for(s.seed, g as u64 + 1), device)
+        self.make_batch(&self.batch_pairs(g), &mut rng_for(self.sampling.seed, g as u64 + 1), device)
+    }
+
+    /// The pairs of batch `g`.
+    fn batch_pairs(&self, g: usize) -> Vec<usize> {
+        let (b, n) = (self.sampling.batch_size, self.latents.len());
+        (g * b..(g + 1) * b).map(|k| self.pass_order(k / n)[k % n]).collect()
     }
 
     /// The fixed validation batch: the first `count` pairs, with draws of their own.
@@ -236,8 +274,17 @@ impl BatchSource {
             .chain(std::iter::repeat_n(s.prior_timestep as f32, b))
             .collect();
         let float = float_dtype(self.unet_dtype);
-        let context =
-            Tensor::<B, 3>::from_data(self.context.clone(), device).repeat_dim(0, 3 * b).cast(float);
+        let pair_context = Tensor::<B, 3>::from_data(self.conditioning.pairs.clone(), device);
+        let pair_context = match pair_context.dims()[0] {
+            1 => pair_context.repeat_dim(0, b),
+            _ => pair_context.select(
+                0,
+                Tensor::from_data(TensorData::new(pairs.iter().map(|&p| p as i64).collect(), [b]), device),
+            ),
+        };
+        let prior_context =
+            Tensor::<B, 3>::from_data(self.conditioning.prior.clone(), device).repeat_dim(0, b);
+        let context = Tensor::cat(vec![pair_context.clone(), pair_context, prior_context], 0).cast(float);
         DuoBatch {
             input: Tensor::cat(vec![noisy_loser, noisy_winner, noise], 0).cast(float),
             timesteps: Tensor::from_data(TensorData::new(timesteps, [3 * b]), device),
@@ -245,5 +292,61 @@ impl BatchSource {
             loser_target,
             winner_target,
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use duo_core::schedulers::SchedulerConfig;
+
+    type B = burn::backend::Flex;
+
+    /// Three pairs of 1×2×2 latents; pair branches conditioned per pair (row p filled with p + 1)
+    /// or all alike, the prior branch on a row of −1.
+    fn source(per_pair: bool) -> BatchSource {
+        let latents = TensorData::new((0..12).map(|v| v as f32).collect::<Vec<_>>(), [3, 1, 2, 2]);
+        let rows = if per_pair { 3 } else { 1 };
+        let pairs = (0..rows).flat_map(|p| [p as f32 + 1.0; 4]).collect::<Vec<_>>();
+        BatchSource {
+            latents: PairLatents { unsafe_latents: latents.clone(), safe_latents: latents },
+            conditioning: Conditioning {
+                pairs: TensorData::new(pairs, [rows, 2, 2]),
+                prior: TensorData::new(vec![-1.0f32; 4], [1, 2, 2]),
+            },
+            schedule: NoiseSchedule::from_config(&SchedulerConfig::default()).unwrap(),
+            unet_dtype: DType::F32,
+            sampling: Sampling {
+                batch_size: 2,
+                objective: Objective::Duo,
+                t_min: 0,
+                t_max: 750,
+                prior_timestep: 999,
+                seed: 7,
+            },
+        }
+    }
+
+    /// The first context value of each of the batch's 3·b rows.
+    fn context_rows(batch: &DuoBatch<B>) -> Vec<f32> {
+        let [n, _, _] = batch.context.dims();
+        let values = batch.context.clone().into_data().convert::<f32>().into_vec::<f32>().unwrap();
+        (0..n).map(|i| values[i * 4]).collect()
+    }
+
+    #[test]
+    fn each_pair_is_conditioned_on_its_own_prompt_and_the_prior_on_the_shared_one() {
+        let device = Default::default();
+        let source = source(true);
+        for g in 0..3 {
+            let batch = source.batch::<B>(g, &device);
+            let rows = context_rows(&batch);
+            let expected: Vec<f32> = source.batch_pairs(g).iter().map(|&p| p as f32 + 1.0).collect();
+            assert_eq!(rows[..2], expected[..], "loser rows of batch {g}");
+            assert_eq!(rows[2..4], expected[..], "winner rows of batch {g}");
+            assert_eq!(rows[4..], [-1.0, -1.0], "prior rows of batch {g}");
+        }
+        let shared = context_rows(&self::source(false).batch::<B>(0, &device));
+        assert_eq!(shared, [1.0, 1.0, 1.0, 1.0, -1.0, -1.0]);
     }
 }

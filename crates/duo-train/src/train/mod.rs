@@ -26,7 +26,7 @@ use duo_core::tokenizer::ClipTokenizer;
 use duo_core::{DuoError, ModelFolder, Result};
 
 use self::config::DuoConfig;
-use self::data::{BatchSource, PairFiles, PairLatents, Sampling};
+use self::data::{BatchSource, Conditioning, PairFiles, PairLatents, Sampling};
 use self::model::{DuoModel, DuoSettings, NonFiniteGuard, TRAIN_SCALARS};
 use crate::learning::{EpochLoader, Stage, StopControl, latest_checkpoint};
 
@@ -117,7 +117,16 @@ fn train<B: AutodiffBackend>(task: TrainTask, device: B::Device, dtype: DType) -
 
     // Everything the UNet does not need is computed once, on the inner backend, then dropped.
     let inner = device.clone();
-    let context = conditioning::<B::InnerBackend>(&folder, &d.prompt, &inner)?;
+    let conditioning = {
+        let pair_prompts = match d.pair_prompts {
+            true => files.unsafe_prompts(&config.pair_dir())?,
+            false => vec![d.prompt.clone()],
+        };
+        Conditioning {
+            pairs: embed_prompts::<B::InnerBackend>(&folder, &pair_prompts, &inner)?,
+            prior: embed_prompts::<B::InnerBackend>(&folder, std::slice::from_ref(&d.prompt), &inner)?,
+        }
+    };
     let latents = {
         let vae = folder.vae::<B::InnerBackend>(&inner)?;
         let downscale = folder.vae_config()?.downscale_factor();
@@ -164,7 +173,7 @@ fn train<B: AutodiffBackend>(task: TrainTask, device: B::Device, dtype: DType) -
 
     let source = Arc::new(BatchSource {
         latents,
-        context,
+        conditioning,
         schedule: noise_schedule,
         unet_dtype: dtype,
         sampling: Sampling {
@@ -233,11 +242,15 @@ fn train<B: AutodiffBackend>(task: TrainTask, device: B::Device, dtype: DType) -
     Ok(Some(lora))
 }
 
-/// The CLIP last hidden state of `prompt` (the conditioning of every branch), on the host: [1, seq, d].
-fn conditioning<B: Backend>(folder: &ModelFolder, prompt: &str, device: &B::Device) -> Result<TensorData> {
+/// The CLIP last hidden states of `prompts`, on the host: [prompts, seq, d].
+fn embed_prompts<B: Backend>(
+    folder: &ModelFolder,
+    prompts: &[String],
+    device: &B::Device,
+) -> Result<TensorData> {
     let tokenizer = ClipTokenizer::from_folder(&folder.root().join("tokenizer"))?;
     let text_encoder = folder.text_encoder::<B>(device)?;
-    Ok(encode_prompts(&tokenizer, &text_encoder, &[prompt.to_string()], device).into_data())
+    Ok(encode_prompts(&tokenizer, &text_encoder, prompts, device).into_data())
 }
 
 #[cfg(test)]
