@@ -337,6 +337,34 @@ fn unlearn_runs_the_whole_loop_and_writes_the_report() {
     assert!(again.contains("complete"), "{again}");
 }
 
+/// The main job on the shipped toy model, its defaults but half the steps (200) and 4 seeds per
+/// prompt, to save time: DUO must take the cross out of the cross prompts, paraphrases it never
+/// trained on included, and keep the other shapes and the look-alike plus sign. About 4 min on
+/// 2 cores; the full default run is in the README.
+#[test]
+fn unlearn_on_the_toy_model_erases_the_cross_and_keeps_the_plus() {
+    let out = tmp("toy-unlearn");
+    let output = Command::new(env!("CARGO_BIN_EXE_duo-train"))
+        .current_dir(root())
+        .args(["--device", "cpu", "unlearn", "--log-every", "1000", "--out"])
+        .arg(&out)
+        .args(["--set", "training.steps=200", "--set", "eval.seeds=4"])
+        .output()
+        .unwrap();
+    assert_success(&output);
+    let report: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(out.join("report.json")).unwrap()).unwrap();
+    let dsr = |group: &str, key: &str| report["attacks"][group][key].as_f64().unwrap();
+    let log = text(&output);
+    // the base model draws crosses; the unlearned one mostly does not
+    assert!(dsr("prompts", "dsr_base") <= 0.1, "{log}");
+    assert!(dsr("prompts", "dsr_unlearned") >= 0.4, "{log}");
+    assert!(dsr("paraphrases", "dsr_unlearned") >= 0.3, "{log}");
+    for key in ["safe_accuracy_unlearned", "lookalike_accuracy_unlearned"] {
+        assert!(report["preservation"][key].as_f64().unwrap() >= 0.9, "preservation.{key}:\n{log}");
+    }
+}
+
 #[test]
 fn unlearn_names_a_missing_model() {
     let dir = tmp("no-model");
