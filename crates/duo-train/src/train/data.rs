@@ -337,16 +337,15 @@ mod tests {
     #[test]
     fn each_pair_is_conditioned_on_its_own_prompt_and_the_prior_on_the_shared_one() {
         let device = Default::default();
-        let source = source(true);
+        let per_pair = source(true);
         for g in 0..3 {
-            let batch = source.batch::<B>(g, &device);
-            let rows = context_rows(&batch);
-            let expected: Vec<f32> = source.batch_pairs(g).iter().map(|&p| p as f32 + 1.0).collect();
+            let rows = context_rows(&per_pair.batch::<B>(g, &device));
+            let expected: Vec<f32> = per_pair.batch_pairs(g).iter().map(|&p| p as f32 + 1.0).collect();
             assert_eq!(rows[..2], expected[..], "loser rows of batch {g}");
             assert_eq!(rows[2..4], expected[..], "winner rows of batch {g}");
             assert_eq!(rows[4..], [-1.0, -1.0], "prior rows of batch {g}");
         }
-        let shared = context_rows(&self::source(false).batch::<B>(0, &device));
+        let shared = context_rows(&source(false).batch::<B>(0, &device));
         assert_eq!(shared, [1.0, 1.0, 1.0, 1.0, -1.0, -1.0]);
     }
 }

@@ -122,10 +122,11 @@ fn train<B: AutodiffBackend>(task: TrainTask, device: B::Device, dtype: DType) -
             true => files.unsafe_prompts(&config.pair_dir())?,
             false => vec![d.prompt.clone()],
         };
-        Conditioning {
-            pairs: embed_prompts::<B::InnerBackend>(&folder, &pair_prompts, &inner)?,
-            prior: embed_prompts::<B::InnerBackend>(&folder, std::slice::from_ref(&d.prompt), &inner)?,
-        }
+        let tokenizer = ClipTokenizer::from_folder(&folder.root().join("tokenizer"))?;
+        let text_encoder = folder.text_encoder::<B::InnerBackend>(&inner)?;
+        let embed =
+            |prompts: &[String]| encode_prompts(&tokenizer, &text_encoder, prompts, &inner).into_data();
+        Conditioning { pairs: embed(&pair_prompts), prior: embed(std::slice::from_ref(&d.prompt)) }
     };
     let latents = {
         let vae = folder.vae::<B::InnerBackend>(&inner)?;
@@ -240,17 +241,6 @@ fn train<B: AutodiffBackend>(task: TrainTask, device: B::Device, dtype: DType) -
     save_lora(&result.model.policy(), &lora, LoraFormat::Peft)?;
     println!("wrote {} ({} adapters, PEFT format)", lora.display(), result.model.adapters.len());
     Ok(Some(lora))
-}
-
-/// The CLIP last hidden states of `prompts`, on the host: [prompts, seq, d].
-fn embed_prompts<B: Backend>(
-    folder: &ModelFolder,
-    prompts: &[String],
-    device: &B::Device,
-) -> Result<TensorData> {
-    let tokenizer = ClipTokenizer::from_folder(&folder.root().join("tokenizer"))?;
-    let text_encoder = folder.text_encoder::<B>(device)?;
-    Ok(encode_prompts(&tokenizer, &text_encoder, prompts, device).into_data())
 }
 
 #[cfg(test)]
