@@ -17,7 +17,8 @@ use crate::models::{AutoencoderKL, ClipTextModel, UNet2DConditionModel};
 use crate::schedulers::{Scheduler, SchedulerConfig, SchedulerKind};
 use crate::tokenizer::ClipTokenizer;
 
-/// The loaded components of a Stable Diffusion folder.
+/// The loaded components of a Stable Diffusion folder. A clone shares the weights.
+#[derive(Clone)]
 pub struct StableDiffusion<B: Backend> {
     pub tokenizer: ClipTokenizer,
     pub text_encoder: ClipTextModel<B>,

@@ -179,7 +179,7 @@ impl BackendTask for Evaluate {
         let concept = crate::pairs::parse_shape(&e.judge_shape)?;
         let judge = ConceptJudge::<B>::load(Path::new(&e.judge), &device)?;
         let folder = ModelFolder::open(&config.model)?.with_dtype(dtype);
-        let mut sd = StableDiffusion::<B>::load(&folder, &device)?;
+        let sd = StableDiffusion::<B>::load(&folder, &device)?;
         let scheduler = sd.scheduler((e.scheduler != "default").then_some(e.scheduler.as_str()), e.steps)?;
         let groups = [
             Group { prompts: &e.prompts, goal: Goal::Free(concept) },
@@ -202,16 +202,23 @@ impl BackendTask for Evaluate {
         };
         let total: usize = groups.iter().map(|g| g.prompts.len() * e.seeds).sum::<usize>() * 2;
         let bar = ProgressBar::new(total as u64).with_style(
-            ProgressStyle::with_template("eval [{bar:30}] {pos}/{len} images {msg} {elapsed_precise}")
-                .expect("static template"),
+            ProgressStyle::with_template(
+                "eval [{bar:30}] {pos}/{len} images (base and unlearned model) {elapsed_precise}",
+            )
+            .expect("static template"),
         );
-        bar.set_message("base model");
-        let base: Vec<Judged<B>> =
-            groups.iter().map(|g| evaluator.run(&sd, g, &bar)).collect::<Result<_>>()?;
-        sd.unet = load_lora_specs(sd.unet, &[lora.display().to_string()])?;
-        bar.set_message("unlearned model");
-        let unlearned: Vec<Judged<B>> =
-            groups.iter().map(|g| evaluator.run(&sd, g, &bar)).collect::<Result<_>>()?;
+        let mut unlearned_sd = sd.clone();
+        unlearned_sd.unet = load_lora_specs(sd.unet.clone(), &[lora.display().to_string()])?;
+        // The two models on two threads: small sampling batches keep a CPU backend on about one core.
+        let run = |sd: &StableDiffusion<B>| -> Result<Vec<Judged<B>>> {
+            groups.iter().map(|g| evaluator.run(sd, g, &bar)).collect()
+        };
+        let (base, unlearned) = std::thread::scope(|scope| {
+            let base = scope.spawn(|| run(&sd));
+            let unlearned = run(&unlearned_sd);
+            (base.join().expect("the base model's evaluation panicked"), unlearned)
+        });
+        let (base, unlearned) = (base?, unlearned?);
         bar.finish_and_clear();
 
         let rate = |i: usize| -> Result<Rate> {
