@@ -246,14 +246,8 @@ impl BatchSource {
         let b = pairs.len();
         let [c, h, w] = self.latents.item_shape();
         let item = c * h * w;
-        let gather = |data: &TensorData| -> Tensor<B, 4> {
-            let values = data.as_slice::<f32>().expect("latents are f32");
-            let mut out = Vec::with_capacity(b * item);
-            for &p in pairs {
-                out.extend_from_slice(&values[p * item..(p + 1) * item]);
-            }
-            Tensor::from_data(TensorData::new(out, [b, c, h, w]), device)
-        };
+        let gather =
+            |data: &TensorData| -> Tensor<B, 4> { Tensor::from_data(gather_rows(data, pairs), device) };
         let (loser, winner) = (gather(&self.latents.unsafe_latents), gather(&self.latents.safe_latents));
         // one noise per pair, shared by both images and the prior branch
         let noise: Vec<f32> = (0..b * item).map(|_| StandardNormal.sample(rng)).collect();
@@ -274,14 +268,12 @@ impl BatchSource {
             .chain(std::iter::repeat_n(s.prior_timestep as f32, b))
             .collect();
         let float = float_dtype(self.unet_dtype);
-        let pair_context = Tensor::<B, 3>::from_data(self.conditioning.pairs.clone(), device);
-        let pair_context = match pair_context.dims()[0] {
-            1 => pair_context.repeat_dim(0, b),
-            _ => pair_context.select(
-                0,
-                Tensor::from_data(TensorData::new(pairs.iter().map(|&p| p as i64).collect(), [b]), device),
-            ),
+        let context_rows = match self.conditioning.pairs.shape[0] {
+            1 => vec![0; b],
+            _ => pairs.to_vec(),
         };
+        let pair_context =
+            Tensor::<B, 3>::from_data(gather_rows(&self.conditioning.pairs, &context_rows), device);
         let prior_context =
             Tensor::<B, 3>::from_data(self.conditioning.prior.clone(), device).repeat_dim(0, b);
         let context = Tensor::cat(vec![pair_context.clone(), pair_context, prior_context], 0).cast(float);
@@ -293,6 +285,20 @@ impl BatchSource {
             winner_target,
         }
     }
+}
+
+/// The given rows (along the first dimension) of an f32 tensor, on the host: only what a batch uses
+/// goes to the device.
+fn gather_rows(data: &TensorData, rows: &[usize]) -> TensorData {
+    let values = data.as_slice::<f32>().expect("latents and embeddings are f32");
+    let item: usize = data.shape[1..].iter().product();
+    let mut out = Vec::with_capacity(rows.len() * item);
+    for &r in rows {
+        out.extend_from_slice(&values[r * item..(r + 1) * item]);
+    }
+    let mut shape = data.shape.to_vec();
+    shape[0] = rows.len();
+    TensorData::new(out, shape)
 }
 
 #[cfg(test)]
