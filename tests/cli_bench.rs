@@ -171,7 +171,7 @@ fn quality_writes_figures_gates_and_grid() {
     assert!(output.status.success(), "{stdout}\n{}", String::from_utf8_lossy(&output.stderr));
     // the table names every gate and the verdict
     for gate in
-        ["shape_accuracy", "color_accuracy", "cross_rate", "plus_rate", "unconditional_covers_all_shapes"]
+        ["shape_accuracy", "colour_accuracy", "cross_rate", "plus_rate", "unconditional_covers_all_shapes"]
     {
         assert!(stdout.contains(gate), "{gate} missing from:\n{stdout}");
     }
@@ -179,7 +179,7 @@ fn quality_writes_figures_gates_and_grid() {
 
     let report: serde_json::Value =
         serde_json::from_str(&std::fs::read_to_string(out.join("quality.json")).unwrap()).unwrap();
-    for key in ["shape_accuracy", "color_accuracy", "cross_rate", "plus_rate"] {
+    for key in ["shape_accuracy", "colour_accuracy", "cross_rate", "plus_rate"] {
         let value = report[key].as_f64().unwrap_or_else(|| panic!("{key}: {}", report[key]));
         assert!((0.0..=1.0).contains(&value), "{key} = {value}");
         assert!(report["gates"][key]["passed"].is_boolean(), "gates.{key}");
@@ -187,7 +187,7 @@ fn quality_writes_figures_gates_and_grid() {
     assert!(report["unconditional_covers_all_shapes"].is_boolean());
     assert!(report["gates"]["all_passed"].is_boolean());
     assert_eq!(report["per_shape"].as_object().unwrap().len(), 6);
-    assert_eq!(report["per_color"].as_object().unwrap().len(), 6);
+    assert_eq!(report["per_colour"].as_object().unwrap().len(), 6);
     assert_eq!(report["per_prompt"].as_array().unwrap().len(), 36);
     // every wording of the cross: the canonical word and the three held-out ones
     let words: Vec<&str> = report["cross_rates"].as_object().unwrap().keys().map(String::as_str).collect();
@@ -228,7 +228,9 @@ fn fresh_out(name: &str) -> PathBuf {
 /// `duo-bench --device cpu judge-train` with a few steps and a small evaluation, so it takes seconds.
 fn judge_train(out: &std::path::Path, extra: &[&str]) -> std::process::Output {
     bench()
-        .args(["--device", "cpu", "judge-train", "--steps", "5", "--n-eval", "64", "--out"])
+        .args(["--device", "cpu", "judge-train", "--set", "steps=5", "--set", "n_eval=64", "--config"])
+        .arg(root().join("configs/judge.toml"))
+        .arg("--out")
         .arg(out)
         .args(extra)
         .output()
@@ -296,7 +298,7 @@ fn judge_train_refuses_to_overwrite_a_judge_without_force() {
     assert!(!out.join("model.safetensors").exists());
 
     // with --force the judge is replaced and the other files are kept
-    let output = judge_train(&out, &["--force", "--channels", "8,16", "--batch-size", "8"]);
+    let output = judge_train(&out, &["--force", "--set", "model.channels=[8, 16]", "--set", "batch_size=8"]);
     assert!(output.status.success(), "{}", String::from_utf8_lossy(&output.stderr));
     let judge =
         duo_core::judge::ConceptJudge::<burn::backend::Flex>::load(&out, &Default::default()).unwrap();
@@ -304,7 +306,7 @@ fn judge_train_refuses_to_overwrite_a_judge_without_force() {
     assert_eq!(std::fs::read_to_string(out.join("README.md")).unwrap(), "kept");
 
     // bad settings are refused with the value named, before anything is trained
-    let output = judge_train(&fresh_out("judge-train-bad"), &["--seed", "202"]);
+    let output = judge_train(&fresh_out("judge-train-bad"), &["--set", "seed=202"]);
     assert!(!output.status.success());
     let stderr = String::from_utf8_lossy(&output.stderr);
     assert!(stderr.contains("seed and eval_seed are both 202"), "{stderr}");

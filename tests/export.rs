@@ -10,9 +10,9 @@ use std::process::{Command, Output};
 
 use burn::prelude::*;
 use burn::tensor::{DType, TensorData};
-use common::{B, fixtures, relative_max_error};
+use common::{B, fixtures, load_unet_lora, relative_max_error, save_unet_lora};
 use duo_core::ModelFolder;
-use duo_core::lora::{LoraConfig, LoraFormat, LoraTargets, attach_lora, load_lora, save_lora};
+use duo_core::lora::{LoraConfig, LoraFormat, LoraTargets, attach_lora};
 use duo_core::models::UNet2DConditionModel;
 use duo_core::tensor_file::{TensorFile, write_tensor_file_with_metadata};
 
@@ -48,7 +48,7 @@ fn forward(unet: &UNet2DConditionModel<B>) -> TensorData {
 /// values, so that it changes the output.
 fn make_lora(file: &Path, cfg: &LoraConfig, format: LoraFormat) {
     let unet = attach_lora(tiny_unet(), cfg, &Default::default()).unwrap();
-    save_lora(&unet, file, format).unwrap();
+    save_unet_lora(&unet, file, format).unwrap();
     let stored = TensorFile::read(file).unwrap();
     let tensors: Vec<(String, TensorData)> = stored
         .names()
@@ -118,7 +118,7 @@ fn load_merged(merged: &Path, name: &str) -> UNet2DConditionModel<B> {
 fn peft_and_kohya_exports_reproduce_the_lora() {
     let source = tmp("single.safetensors");
     make_lora(&source, &config(2, 4.0, LoraTargets::SelfAttn, 1), LoraFormat::Peft);
-    let with_lora = load_lora(tiny_unet(), &source, 1.0).unwrap();
+    let with_lora = load_unet_lora(tiny_unet(), &source, 1.0).unwrap();
     let expected = forward(&with_lora);
     let base = forward(&tiny_unet());
     assert!(relative_max_error(&expected, &base) > 1e-3, "the test LoRA should change the output");
@@ -153,7 +153,7 @@ fn peft_and_kohya_exports_reproduce_the_lora() {
     export_ok(&["--format", "diffusers", "--lora", s(&kohya), "--out", s(&back)], &back);
 
     for (what, file) in [("peft", &peft), ("kohya", &kohya), ("kohya → peft", &back)] {
-        let loaded = load_lora(tiny_unet(), file, 1.0).unwrap();
+        let loaded = load_unet_lora(tiny_unet(), file, 1.0).unwrap();
         assert_within(what, &forward(&loaded), &expected, 1e-6);
     }
 }
@@ -162,7 +162,7 @@ fn peft_and_kohya_exports_reproduce_the_lora() {
 fn merged_export_is_a_drop_in_unet_with_the_lora_folded_in() {
     let source = tmp("merge-source.safetensors");
     make_lora(&source, &config(4, 8.0, LoraTargets::SelfAttn, 2), LoraFormat::Peft);
-    let expected = forward(&load_lora(tiny_unet(), &source, 1.0).unwrap());
+    let expected = forward(&load_unet_lora(tiny_unet(), &source, 1.0).unwrap());
 
     let merged = tmp("merged.safetensors");
     export_ok(&["--format", "merged", "--lora", s(&source), "--out", s(&merged)], &merged);
@@ -204,7 +204,8 @@ fn several_loras_sum_in_every_format() {
     std::fs::create_dir_all(&run).unwrap();
     std::fs::write(run.join("config.toml"), "# a finished run\n").unwrap();
     make_lora(&run.join("lora.safetensors"), &config(3, 1.5, LoraTargets::AllAttn, 4), LoraFormat::Kohya);
-    let both = load_lora(load_lora(tiny_unet(), &first, 0.7).unwrap(), &run.join("lora.safetensors"), 1.5);
+    let both =
+        load_unet_lora(load_unet_lora(tiny_unet(), &first, 0.7).unwrap(), &run.join("lora.safetensors"), 1.5);
     let expected = forward(&both.unwrap());
 
     let sources = [format!("{}:0.7", first.display()), format!("{}:1.5", run.display())];
@@ -220,7 +221,7 @@ fn several_loras_sum_in_every_format() {
         export_ok(&args.iter().map(String::as_str).collect::<Vec<_>>(), &out);
         let unet = match format {
             "merged" => load_merged(&out, "sum-merged-model"),
-            _ => load_lora(tiny_unet(), &out, 1.0).unwrap(),
+            _ => load_unet_lora(tiny_unet(), &out, 1.0).unwrap(),
         };
         assert_within(&format!("{format} of the sum"), &forward(&unet), &expected, 1e-5);
         if format == "peft" {
@@ -275,14 +276,14 @@ fn a_trained_run_exports() {
         .unwrap();
     assert!(output.status.success(), "train: {}", String::from_utf8_lossy(&output.stderr));
     let lora = run.join("lora.safetensors");
-    let expected = forward(&load_lora(tiny_unet(), &lora, 1.0).unwrap());
+    let expected = forward(&load_unet_lora(tiny_unet(), &lora, 1.0).unwrap());
     assert!(relative_max_error(&expected, &forward(&tiny_unet())) > 0.0, "training changed the LoRA");
 
     let kohya = tmp("trained-kohya.safetensors");
     export_ok(&["--format", "kohya", "--run", s(&run), "--out", s(&kohya)], &kohya);
     assert_within(
         "trained run → kohya",
-        &forward(&load_lora(tiny_unet(), &kohya, 1.0).unwrap()),
+        &forward(&load_unet_lora(tiny_unet(), &kohya, 1.0).unwrap()),
         &expected,
         1e-6,
     );
@@ -302,7 +303,7 @@ fn export_errors_name_the_problem() {
     assert!(err.contains("lycoris") && err.contains("merged"), "{err}");
     let err =
         stderr(export(&["--format", "kohya", "--save-dtype", "f16", "--lora", s(&good), "--out", s(&out)]));
-    assert!(err.contains("--save-dtype applies to --format merged only"), "{err}");
+    assert!(err.contains("--save-dtype applies to --format merged and single-file only"), "{err}");
     let err =
         stderr(export(&["--format", "merged", "--save-dtype", "f8", "--lora", s(&good), "--out", s(&out)]));
     assert!(err.contains("f8"), "{err}");
@@ -336,9 +337,53 @@ fn export_errors_name_the_problem() {
     for format in ["peft", "merged"] {
         let err = stderr(export(&["--format", format, "--lora", s(&misfit), "--out", s(&out)]));
         assert!(
-            err.contains(s(&misfit)) && err.contains("up_blocks.7.") && err.contains("no linear layer"),
+            err.contains(s(&misfit))
+                && err.contains("up_blocks.7.")
+                && err.contains("no linear or convolution layer"),
             "{err}"
         );
     }
     assert!(!out.exists(), "a failed export writes nothing");
+}
+
+/// `export --format single-file` folds a LoRA with UNet and text-encoder entries into the whole
+/// model, written in the LDM layout; `sample --model FILE --config DIR` reads it back and draws what
+/// diffusers draws with that LoRA loaded at 0.8 (`tests/fixtures/lora`, within 1e-4 of its float64
+/// image).
+#[test]
+fn single_file_export_carries_the_lora_into_the_checkpoint() {
+    let fixtures = fixtures();
+    let lora = fixtures.join("lora/sd1-tiny/peft-meta.safetensors");
+    let out = tmp("single-file.safetensors");
+    export_ok(
+        &["--format", "single-file", "--lora", &format!("{}:0.8", lora.display()), "--out", s(&out)],
+        &out,
+    );
+
+    let case = TensorFile::read(&fixtures.join("lora/sd1-tiny-peft-meta.safetensors")).unwrap();
+    let latents = tmp("single-file-latents.safetensors");
+    duo_core::tensor_file::write_tensor_file(&latents, &[("latents", case.get("latents").unwrap().clone())])
+        .unwrap();
+    let (png, image) = (tmp("single-file.png"), tmp("single-file-image.safetensors"));
+    let output = Command::new(env!("CARGO_BIN_EXE_duo-train"))
+        .args(["--device", "cpu", "sample", "--scheduler", "ddim", "--steps", "5", "--guidance", "7.5"])
+        .args(["--prompt", "a photo of a cat", "--prompt", "an astronaut riding a horse on the moon"])
+        .args(["--negative-prompt", "blurry, low quality", "--negative-prompt", "ugly"])
+        .arg("--model")
+        .arg(&out)
+        .arg("--config")
+        .arg(model())
+        .arg("--latents")
+        .arg(&latents)
+        .arg("--out")
+        .arg(&png)
+        .arg("--save-tensor")
+        .arg(&image)
+        .output()
+        .unwrap();
+    assert!(output.status.success(), "{}", String::from_utf8_lossy(&output.stderr));
+    let ours = TensorFile::read(&image).unwrap().get("image").unwrap().clone();
+    let err = relative_max_error(&ours, case.get("image_f64").unwrap());
+    println!("single file with the LoRA merged: {err:.2e} from diffusers' image with the LoRA loaded");
+    assert!(err <= 1e-4, "relative max error {err:.3e}");
 }

@@ -10,6 +10,7 @@ use burn::prelude::*;
 use common::B;
 use duo_core::fsutil::write_atomic;
 use duo_core::judge::{ConceptJudge, HandLabels, JudgeConfig, JudgeTrainConfig, train_judge};
+use duo_core::run_config::RunConfig;
 use duo_core::world::{CaptionSplit, Shape, World, WorldConfig, images_to_chw};
 
 type Train = burn::backend::Autodiff<B>;
@@ -37,8 +38,9 @@ fn load_error(dir: &Path) -> String {
 
 #[test]
 fn a_short_training_run_lowers_the_loss() {
-    let cfg =
-        JudgeTrainConfig { steps: 40, batch_size: 16, warmup_steps: 5, n_eval: 32, ..Default::default() };
+    let recipe = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../../configs/judge.toml");
+    let recipe = JudgeTrainConfig::load(&recipe, &[]).unwrap();
+    let cfg = JudgeTrainConfig { steps: 40, batch_size: 16, warmup_steps: 5, n_eval: 32, ..recipe };
     let mut losses = Vec::new();
     let (_, report) = train_judge::<Train>(&cfg, &Default::default(), |_, loss| losses.push(loss)).unwrap();
     assert_eq!((losses.len(), report.steps, report.clean.n_eval), (40, 40, 32));

@@ -11,11 +11,11 @@ use burn::module::{Module, ModuleMapper, ModuleVisitor, Param};
 use burn::optim::GradientsParams;
 use burn::prelude::*;
 use burn::tensor::TensorData;
-use common::{B, fixtures, relative_max_error};
+use common::{B, fixtures, load_unet_lora, relative_max_error, save_unet_lora};
 use duo_core::ModelFolder;
 use duo_core::lora::{
-    LoraConfig, LoraFormat, LoraTargets, attach_lora, disable_lora, load_lora, lora_adapters,
-    lora_parameter_count, merge_lora, save_lora, set_lora_enabled,
+    LoraConfig, LoraFormat, LoraTargets, attach_lora, disable_lora, lora_adapters, lora_parameter_count,
+    merge_lora, set_lora_enabled,
 };
 use duo_core::models::UNet2DConditionModel;
 use duo_core::tensor_file::{TensorFile, write_tensor_file};
@@ -224,7 +224,7 @@ fn both_file_formats_round_trip() {
         ),
     ] {
         let file = temp_path(&format!("round-trip-{format}.safetensors"));
-        save_lora(&lora, &file, format).unwrap();
+        save_unet_lora(&lora, &file, format).unwrap();
 
         // PyTorch layout [rank, d_in]; the alpha (8, not the rank 4) is stored
         let stored = TensorFile::read(&file).unwrap();
@@ -239,7 +239,7 @@ fn both_file_formats_round_trip() {
             }
         }
 
-        let loaded = load_lora(tiny_unet::<B>(), &file, 1.0).unwrap();
+        let loaded = load_unet_lora(tiny_unet::<B>(), &file, 1.0).unwrap();
         assert_eq!(lora_parameter_count(&loaded), lora_parameter_count(&lora), "{format}");
         assert_identical(&format!("{format} round trip"), &forward(&loaded), &expected);
     }
@@ -255,18 +255,19 @@ fn loading_several_loras_sums_their_deltas() {
         attach_lora(tiny_unet::<B>(), &small_config(4, 4.0, 5), &Default::default()).unwrap(),
         5,
     );
-    save_lora(&a, &first, LoraFormat::Peft).unwrap();
+    save_unet_lora(&a, &first, LoraFormat::Peft).unwrap();
     let cfg = LoraConfig { targets: LoraTargets::AllAttn, ..small_config(8, 2.0, 6) };
     let b = randomize_lora_b(attach_lora(tiny_unet::<B>(), &cfg, &Default::default()).unwrap(), 6);
-    save_lora(&b, &second, LoraFormat::Kohya).unwrap();
+    save_unet_lora(&b, &second, LoraFormat::Kohya).unwrap();
 
-    let summed = load_lora(load_lora(tiny_unet::<B>(), &first, 0.7).unwrap(), &second, 1.5).unwrap();
+    let summed =
+        load_unet_lora(load_unet_lora(tiny_unet::<B>(), &first, 0.7).unwrap(), &second, 1.5).unwrap();
     // self-attention layers hold both adapters (rank 4 + 8), cross-attention only the second
     let ranks: Vec<usize> = lora_adapters(&summed).iter().map(|(_, lora)| lora.rank()).collect();
     assert!(ranks.contains(&12) && ranks.contains(&8), "{ranks:?}");
 
-    let one_by_one = merge_lora(load_lora(tiny_unet::<B>(), &first, 0.7).unwrap(), 1.0);
-    let one_by_one = merge_lora(load_lora(one_by_one, &second, 1.5).unwrap(), 1.0);
+    let one_by_one = merge_lora(load_unet_lora(tiny_unet::<B>(), &first, 0.7).unwrap(), 1.0);
+    let one_by_one = merge_lora(load_unet_lora(one_by_one, &second, 1.5).unwrap(), 1.0);
     let err = relative_max_error(&forward(&summed), &forward(&one_by_one));
     println!("two LoRAs loaded together vs merged one by one: relative max error {err:.3e}");
     assert!(err <= 1e-5, "{err:.3e}");
@@ -290,14 +291,14 @@ fn targets_that_match_nothing_are_an_error() {
 fn lora_files_that_do_not_fit_the_unet_are_errors_naming_the_key() {
     let lora = attach_lora(tiny_unet::<B>(), &small_config(4, 4.0, 7), &Default::default()).unwrap();
     let file = temp_path("misfit.safetensors");
-    save_lora(&lora, &file, LoraFormat::Peft).unwrap();
+    save_unet_lora(&lora, &file, LoraFormat::Peft).unwrap();
     let stored = TensorFile::read(&file).unwrap();
     let rewrite = |edit: &dyn Fn(&str, TensorData) -> (String, TensorData)| {
         let tensors: Vec<(String, TensorData)> =
             stored.names().map(|name| edit(name, stored.get(name).unwrap().clone())).collect();
         let named: Vec<(&str, TensorData)> = tensors.iter().map(|(k, v)| (k.as_str(), v.clone())).collect();
         write_tensor_file(&file, &named).unwrap();
-        match load_lora(tiny_unet::<B>(), &file, 1.0) {
+        match load_unet_lora(tiny_unet::<B>(), &file, 1.0) {
             Ok(_) => panic!("loading should fail"),
             Err(e) => e.to_string(),
         }
@@ -316,9 +317,58 @@ fn lora_files_that_do_not_fit_the_unet_are_errors_naming_the_key() {
 
     // a layer the UNet does not have
     let err = rewrite(&|name, data| (name.replace("up_blocks.1.", "up_blocks.7."), data));
-    assert!(err.contains("up_blocks.7.") && err.contains("no linear layer"), "{err}");
+    assert!(err.contains("up_blocks.7.") && err.contains("no linear or convolution layer"), "{err}");
 
-    // a text-encoder LoRA
+    // text-encoder entries, with no text encoder loaded
     let err = rewrite(&|name, data| (name.replacen("unet.", "text_encoder.", 1), data));
-    assert!(err.contains("text_encoder.") && err.contains("unexpected key"), "{err}");
+    assert!(
+        err.contains("text_encoder.") && err.contains("text encoder, which this command does not load"),
+        "{err}"
+    );
+
+    // an entry of no layout diffusers reads (DoRA's magnitude vector) is named, not skipped
+    let err = rewrite(&|name, data| (name.replace("lora_B.weight", "lora_magnitude_vector"), data));
+    assert!(err.contains("lora_magnitude_vector") && err.contains("unexpected key"), "{err}");
+
+    // a down weight without its up weight
+    let err = rewrite(&|name, data| (name.replace("lora_B.weight", "lora_B.weigh"), data));
+    assert!(err.contains("unexpected key") && err.contains("lora_B.weigh`"), "{err}");
+}
+
+/// Kohya names are matched against the UNet's own layers; one that matches none is an error naming
+/// it, and a convolution's LoRA (merged into the weights as it loads) cannot go into a UNet whose
+/// base weights were never loaded (the LoRA export), where merging would mean nothing.
+#[test]
+fn kohya_names_of_no_layer_and_conv_entries_without_weights_are_errors() {
+    let file = temp_path("kohya-errors.safetensors");
+    let write = |name: &str, down: TensorData, up: TensorData| {
+        let down_key = format!("{name}.lora_down.weight");
+        let up_key = format!("{name}.lora_up.weight");
+        write_tensor_file(&file, &[(down_key.as_str(), down), (up_key.as_str(), up)]).unwrap();
+    };
+    write(
+        "lora_unet_down_blocks_9_attentions_0_proj_in",
+        TensorData::zeros::<f32, _>([2, 16]),
+        TensorData::zeros::<f32, _>([16, 2]),
+    );
+    let err = load_unet_lora(tiny_unet::<B>(), &file, 1.0).unwrap_err().to_string();
+    assert!(
+        err.contains("lora_unet_down_blocks_9_attentions_0_proj_in") && err.contains("matches no"),
+        "{err}"
+    );
+
+    // conv_in of the tiny UNet: [c_out, 4, 3, 3]
+    let unet = tiny_unet::<B>();
+    let [c_out, c_in, kh, kw] = unet.conv_in.weight.shape().dims();
+    write(
+        "lora_unet_conv_in",
+        TensorData::zeros::<f32, _>([2, c_in, kh, kw]),
+        TensorData::zeros::<f32, _>([c_out, 2, 1, 1]),
+    );
+    assert!(load_unet_lora(unet, &file, 1.0).is_ok(), "a loaded UNet takes the conv's delta");
+    let path = fixtures().join("models/sd1-tiny/unet/config.json");
+    let layout = duo_core::models::UNet2DConditionConfig::from_file(&path).unwrap().layout(&path).unwrap();
+    let unloaded = layout.init::<B>(&Default::default());
+    let err = load_unet_lora(unloaded, &file, 1.0).unwrap_err().to_string();
+    assert!(err.contains("lora_unet_conv_in") && err.contains("--format merged"), "{err}");
 }

@@ -417,10 +417,17 @@ fn img2img_add_noise_uses_the_step_noise_level() {
     for kind in SchedulerKind::ALL {
         let s = Scheduler::new(kind, &config, 10).unwrap();
         let i = 3;
-        let noisy = values(s.add_noise(x0.clone(), eps.clone(), i));
+        let noisy = values(s.add_noise(x0.clone(), eps.clone(), i).unwrap());
         let t = s.timesteps()[i];
         let by_t = values(s.add_noise_at_timesteps(x0.clone(), eps.clone(), &[t, t]).unwrap());
         assert_eq!(noisy, by_t, "{kind}");
+        // a step index past the last step is an error naming it, not a panic
+        let last = s.timesteps().len();
+        let err = s.add_noise(x0.clone(), eps.clone(), last).unwrap_err().to_string();
+        assert!(
+            err.contains(&format!("step index {last} is past the last of {last} steps")),
+            "{kind}: {err}"
+        );
     }
 }
 

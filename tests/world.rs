@@ -1,5 +1,6 @@
 //! The toy world: determinism, coverage of the vocabulary, caption grammar, the held-out split,
-//! the cross/plus look-alike and anti-aliasing. `contact_sheet` (ignored) writes PNGs to look at.
+//! the cross/plus look-alike and anti-aliasing. `contact_sheet` writes PNGs to look at (under
+//! Cargo's test temp folder) and checks that each shows what it should.
 
 use duo_core::world::{
     Background, CaptionSplit, Colour, DEFAULT_SAFE, DEFAULT_UNSAFE, Scene, Shape, World, WorldConfig,
@@ -349,25 +350,41 @@ fn blit(sheet: &mut RgbImage, image: &RgbImage, x: u32, y: u32, zoom: u32) {
     }
 }
 
+/// Writes `contact_sheet.png` (64 random samples with their captions), `contact_sheet.txt` and
+/// `gallery.png` (every shape in every colour) for a person to look at, and checks that every tile
+/// landed: each sample tile equals its render, each gallery cell holds its colour.
 #[test]
-#[ignore = "writes PNGs under /tmp/duo-world for a person to look at"]
 fn contact_sheet() {
     let world = world();
-    let dir = std::path::Path::new("/tmp/duo-world");
-    std::fs::create_dir_all(dir).expect("create /tmp/duo-world");
+    let dir = std::path::Path::new(env!("CARGO_TARGET_TMPDIR")).join("duo-world");
+    std::fs::create_dir_all(&dir).expect("create the contact sheet folder");
 
     // 64 random samples with their captions, 8×8, images zoomed 4×.
-    let (tile_w, tile_h) = (136, 186);
+    let (tile_w, tile_h, zoom) = (136, 186, 4);
     let mut sheet = RgbImage::from_pixel(8 * tile_w, 8 * tile_h, image::Rgb([255, 255, 255]));
     let samples = world.batch(0, 0, 64, CaptionSplit::Pretrain);
-    for (i, sample) in samples.iter().enumerate() {
+    let renders: Vec<RgbImage> = samples.iter().map(|s| world.render(&s.scene)).collect();
+    for (i, (sample, render)) in samples.iter().zip(&renders).enumerate() {
         let (x, y) = ((i % 8) as u32 * tile_w, (i / 8) as u32 * tile_h);
-        blit(&mut sheet, &world.render(&sample.scene), x + 4, y + 4, 4);
+        blit(&mut sheet, render, x + 4, y + 4, zoom);
         draw_text(&mut sheet, &sample.caption, x + 4, y + 136, 16);
     }
-    sheet.save(dir.join("contact_sheet.png")).expect("write contact sheet");
+    let sheet_path = dir.join("contact_sheet.png");
+    sheet.save(&sheet_path).expect("write contact sheet");
     let captions: Vec<String> = samples.iter().map(|s| format!("{:?}\t{}", s.scene, s.caption)).collect();
     std::fs::write(dir.join("contact_sheet.txt"), captions.join("\n")).expect("write captions");
+
+    // What was written reads back as each sample's render, zoomed, with its caption below it.
+    let read = image::open(&sheet_path).expect("read the contact sheet back").to_rgb8();
+    for (i, render) in renders.iter().enumerate() {
+        let (x, y) = ((i % 8) as u32 * tile_w + 4, (i / 8) as u32 * tile_h + 4);
+        for (ix, iy, pixel) in render.enumerate_pixels() {
+            assert_eq!(read.get_pixel(x + ix * zoom, y + iy * zoom), pixel, "sample {i} at ({ix}, {iy})");
+        }
+        let caption_rows = (y + 132..y + 150).flat_map(|cy| (x..x + 128).map(move |cx| (cx, cy)));
+        let ink = caption_rows.filter(|&(cx, cy)| read.get_pixel(cx, cy).0 == [0, 0, 0]).count();
+        assert!(ink > 0, "sample {i}: no caption drawn under the image");
+    }
 
     // Every shape (rows) in every colour (columns), centred, backgrounds cycling.
     let config = world.config();
@@ -376,7 +393,11 @@ fn contact_sheet() {
         for (col, colour) in Colour::ALL.into_iter().enumerate() {
             let background = Background::ALL[(row + col) % Background::ALL.len()];
             let image = Scene::centred(shape, colour, background, config).render(config.resolution);
-            blit(&mut gallery, &image, col as u32 * 132 + 2, row as u32 * 132 + 2, 4);
+            blit(&mut gallery, &image, col as u32 * 132 + 2, row as u32 * 132 + 2, zoom);
+            // some pixel of the cell is the shape's fill colour (anti-aliasing only touches edges)
+            let want = colour.rgb().map(|c| (c * 255.0).round() as i32);
+            let close = |p: &image::Rgb<u8>| p.0.iter().zip(want).all(|(&a, b)| (a as i32 - b).abs() <= 2);
+            assert!(image.pixels().any(close), "gallery {shape:?} in {colour:?}: no pixel of its colour");
         }
     }
     gallery.save(dir.join("gallery.png")).expect("write gallery");

@@ -52,3 +52,22 @@ pub fn sd1_tiny_at_judge_size(target: &Path) {
     config["sample_size"] = serde_json::json!(16);
     std::fs::write(&config_path, config.to_string()).unwrap();
 }
+
+/// Loads a UNet-only LoRA file into `unet` (no text encoder).
+pub fn load_unet_lora<Bk: burn::prelude::Backend>(
+    unet: duo_core::models::UNet2DConditionModel<Bk>,
+    file: &Path,
+    weight: f64,
+) -> duo_core::Result<duo_core::models::UNet2DConditionModel<Bk>> {
+    duo_core::lora::load_lora(duo_core::lora::LoraNetworks::unet_only(unet), file, weight)
+        .map(|nets| nets.unet)
+}
+
+/// Saves the UNet's adapters.
+pub fn save_unet_lora<Bk: burn::prelude::Backend>(
+    unet: &duo_core::models::UNet2DConditionModel<Bk>,
+    file: &Path,
+    format: duo_core::lora::LoraFormat,
+) -> duo_core::Result<()> {
+    duo_core::lora::save_lora(&duo_core::lora::LoraNetworks::unet_only(unet.clone()), file, format)
+}

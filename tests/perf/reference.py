@@ -121,7 +121,7 @@ def main():
 
 
 def duo_step(a, unet, n_params, dtype):
-    """One DUO step (duo-reference.md §2): LoRA r32/α32 on the self-attention projections, b pairs
+    """One DUO step (docs/duo-algorithm.md §2): LoRA r32/α32 on the self-attention projections, b pairs
     → a UNet batch [x⁻ ; x⁺ ; ε] through the policy and, adapters disabled and without grad, the
     reference; the loss; backward; global clipping; AdamW."""
     from peft import LoraConfig

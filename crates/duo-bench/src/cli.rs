@@ -63,7 +63,7 @@ pub enum Command {
     },
     /// Time the UNet (forward, forward+backward), its peak memory and sampling throughput.
     Perf(perf::PerfArgs),
-    /// Issue 3's quality gates: shape/colour accuracy, cross and plus rates and unconditional coverage
+    /// The toy model's quality gates: shape/colour accuracy, cross and plus rates and unconditional coverage
     /// of a toy-world model, read by the concept judge. Writes quality.json, grid.png and grid-tiles.png.
     Quality(quality::QualityArgs),
     /// Retrain the toy-world concept judge with the shipped recipe (every setting defaults to the one

@@ -1,11 +1,11 @@
 //! `duo-bench judge-train`: retrains the toy-world concept judge with the recipe that produced the
-//! shipped `models/judge` (`JudgeTrainConfig::default()`, the single source of its settings), measures
-//! it on held-out renders (clean, with the training augmentation, and with the harsher stress one) and
-//! writes `config.json`, `model.safetensors` and `metrics.json` into `--out`.
+//! shipped `models/judge` (`configs/judge.toml`, the single source of its settings, read by the shared
+//! run-config loader with `--set` overrides), measures it on held-out renders (clean, with the
+//! training augmentation, and with the harsher stress one) and writes `config.json`,
+//! `model.safetensors` and `metrics.json` (with the effective config) into `--out`.
 //!
 //! This is the only way the judge is retrained; the integration tests only read what it wrote.
 
-use std::fmt::Display;
 use std::io::IsTerminal;
 use std::path::{Path, PathBuf};
 
@@ -18,6 +18,7 @@ use duo_core::fsutil::write_atomic;
 use duo_core::judge::{
     CONFIG_FILE, ConceptJudge, EvalReport, JudgeReport, JudgeTrainConfig, WEIGHTS_FILE, train_judge,
 };
+use duo_core::run_config::RunConfig;
 use duo_core::{DuoError, Result};
 use indicatif::{ProgressBar, ProgressStyle};
 use serde::Serialize;
@@ -28,16 +29,6 @@ pub const METRICS_FILE: &str = "metrics.json";
 /// Files this command writes; any of them in `--out` means a judge is already there.
 const JUDGE_FILES: [&str; 3] = [CONFIG_FILE, WEIGHTS_FILE, METRICS_FILE];
 
-/// `help` text of a setting that states the shipped value, read from `JudgeTrainConfig::default()`
-/// so the help cannot drift from the recipe.
-fn shipped(text: &str, value: impl Display) -> String {
-    format!("{text} [shipped judge: {value}]")
-}
-
-fn recipe() -> JudgeTrainConfig {
-    JudgeTrainConfig::default()
-}
-
 #[derive(Args, Debug, Clone)]
 pub struct JudgeTrainArgs {
     /// Folder for config.json, model.safetensors and metrics.json (created if missing).
@@ -47,57 +38,13 @@ pub struct JudgeTrainArgs {
     /// there (the shipped judge's README) is kept.
     #[arg(long)]
     pub force: bool,
-    /// A JSON `JudgeTrainConfig` (every field) to start from instead of the shipped recipe; the
-    /// "config" object of a metrics.json is accepted, so `--config DIR/metrics.json` repeats that run.
-    /// The setting flags below override it. The training/evaluation worlds and the augmentations are
-    /// set here only.
-    #[arg(long)]
-    pub config: Option<PathBuf>,
-    #[arg(
-        long,
-        help = shipped(
-            "Seeds the training scenes, their augmentation and the initial weights",
-            recipe().seed
-        )
-    )]
-    pub seed: Option<u64>,
-    #[arg(
-        long,
-        help = shipped("Seeds the held-out evaluation renders; must differ from --seed", recipe().eval_seed)
-    )]
-    pub eval_seed: Option<u64>,
-    #[arg(long, help = shipped("Training steps (a fresh batch of renders each)", recipe().steps))]
-    pub steps: Option<usize>,
-    #[arg(long, help = shipped("Renders per training step", recipe().batch_size))]
-    pub batch_size: Option<usize>,
-    // Negative numbers parse, so that the range check below names the value rather than clap
-    // calling it an unknown flag.
-    #[arg(
-        long,
-        allow_negative_numbers = true,
-        help = shipped("Peak AdamW learning rate (linear warm-up, then cosine to 0)", recipe().learning_rate)
-    )]
-    pub learning_rate: Option<f64>,
-    #[arg(long, help = shipped("Steps of linear learning-rate warm-up", recipe().warmup_steps))]
-    pub warmup_steps: Option<usize>,
-    #[arg(long, allow_negative_numbers = true, help = shipped("AdamW weight decay", recipe().weight_decay))]
-    pub weight_decay: Option<f32>,
-    #[arg(long, help = shipped("Held-out renders per evaluation (three evaluations)", recipe().n_eval))]
-    pub n_eval: Option<usize>,
-    #[arg(
-        long,
-        value_delimiter = ',',
-        help = shipped("Conv channels per block, comma-separated", format!("{:?}", recipe().model.channels))
-    )]
-    pub channels: Option<Vec<usize>>,
-    #[arg(
-        long,
-        help = shipped(
-            "GroupNorm groups per block; must divide every channel count",
-            recipe().model.norm_groups
-        )
-    )]
-    pub norm_groups: Option<usize>,
+    /// The recipe (TOML): model sizes, training and evaluation worlds, augmentations, steps, rates, seeds.
+    #[arg(long, default_value = "configs/judge.toml")]
+    pub config: PathBuf,
+    /// Override a recipe key: KEY=VALUE with a dotted key (repeatable), e.g. --set steps=5
+    /// --set model.channels=[8,16].
+    #[arg(long = "set", value_name = "KEY=VALUE")]
+    pub set: Vec<String>,
     /// Without a terminal (no progress bar), print the loss every N steps (and at the last).
     #[arg(long, default_value_t = 50)]
     pub log_every: usize,
@@ -128,56 +75,10 @@ pub fn run(args: JudgeTrainArgs, device: DeviceChoice, float: FloatType) -> Resu
     if args.log_every == 0 {
         return Err(DuoError::Invalid("--log-every must be at least 1, got 0".into()));
     }
-    let cfg = settings(&args)?;
+    let cfg = JudgeTrainConfig::load(&args.config, &args.set)?;
     // Refused before training, not after minutes of it; checked again before writing.
     check_out(&args.out, args.force)?;
     dispatch(device, float, JudgeTrainTask { args, cfg, device })
-}
-
-/// The recipe (shipped, or `--config`) with the flags applied, validated.
-fn settings(args: &JudgeTrainArgs) -> Result<JudgeTrainConfig> {
-    let mut cfg = match &args.config {
-        Some(path) => read_config(path)?,
-        None => JudgeTrainConfig::default(),
-    };
-    // Each flag given replaces that one setting; the rest stay as the recipe has them.
-    macro_rules! apply {
-        ($($flag:ident => $($field:ident).+),* $(,)?) => {
-            $(if let Some(value) = args.$flag.clone() { cfg.$($field).+ = value; })*
-        };
-    }
-    apply!(
-        seed => seed,
-        eval_seed => eval_seed,
-        steps => steps,
-        batch_size => batch_size,
-        learning_rate => learning_rate,
-        warmup_steps => warmup_steps,
-        weight_decay => weight_decay,
-        n_eval => n_eval,
-        channels => model.channels,
-        norm_groups => model.norm_groups,
-    );
-    // `JudgeTrainConfig::validate` leaves the weight decay to AdamW, which would take a NaN.
-    if !cfg.weight_decay.is_finite() || cfg.weight_decay < 0.0 {
-        return Err(DuoError::Invalid(format!(
-            "weight decay {} must be a finite number ≥ 0",
-            cfg.weight_decay
-        )));
-    }
-    cfg.validate()?;
-    Ok(cfg)
-}
-
-/// Reads a `JudgeTrainConfig`, bare or as the "config" object of a metrics.json.
-fn read_config(path: &Path) -> Result<JudgeTrainConfig> {
-    let mut value: serde_json::Value = duo_core::error::read_json(path)?;
-    if let Some(inner) = value.get_mut("config") {
-        value = inner.take();
-    }
-    serde_json::from_value(value).map_err(|e| {
-        DuoError::parse(path, format!("not a judge training config (every field of JudgeTrainConfig): {e}"))
-    })
 }
 
 /// Refuses an `out` that is not a folder, or that holds a judge unless `force`.
@@ -344,53 +245,36 @@ mod tests {
         args: JudgeTrainArgs,
     }
 
-    fn parse(flags: &[&str]) -> JudgeTrainArgs {
+    fn settings(flags: &[&str]) -> Result<JudgeTrainConfig> {
         let argv = std::iter::once("judge-train").chain(flags.iter().copied());
-        Cli::try_parse_from(argv).unwrap_or_else(|e| panic!("{flags:?}: {e}")).args
+        let args = Cli::try_parse_from(argv).unwrap_or_else(|e| panic!("{flags:?}: {e}")).args;
+        let config = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../..").join(&args.config);
+        JudgeTrainConfig::load(&config, &args.set)
     }
 
     #[test]
-    fn no_flags_give_the_shipped_recipe_and_flags_override_it() {
-        assert_eq!(settings(&parse(&[])).unwrap(), JudgeTrainConfig::default());
-        let cfg = settings(&parse(&["--steps", "7", "--channels", "8,16", "--seed", "5"])).unwrap();
+    fn the_recipe_loads_and_sets_override_it() {
+        let recipe = settings(&[]).unwrap();
+        assert_eq!((recipe.steps, recipe.seed, recipe.eval_seed, recipe.n_eval), (600, 101, 202, 3000));
+        assert_eq!(recipe.model.channels, vec![16, 32, 64, 96]);
+        let cfg =
+            settings(&["--set", "steps=7", "--set", "model.channels=[8, 16]", "--set", "seed=5"]).unwrap();
         assert_eq!((cfg.steps, cfg.seed, cfg.model.channels.clone()), (7, 5, vec![8, 16]));
-        assert_eq!(cfg.eval_seed, JudgeTrainConfig::default().eval_seed);
+        assert_eq!(cfg.eval_seed, recipe.eval_seed);
     }
 
     #[test]
     fn bad_settings_are_named() {
-        let err = settings(&parse(&["--seed", "202"])).unwrap_err().to_string();
-        assert!(err.contains("held out"), "{err}");
-        let err = settings(&parse(&["--weight-decay", "-1"])).unwrap_err().to_string();
-        assert!(err.contains("weight decay -1"), "{err}");
-        let err = settings(&parse(&["--learning-rate", "-0.1"])).unwrap_err().to_string();
-        assert!(err.contains("learning_rate -0.1"), "{err}");
-        let err = settings(&parse(&["--channels", "12", "--norm-groups", "8"])).unwrap_err().to_string();
-        assert!(err.contains("does not divide"), "{err}");
+        let err = |flags: &[&str]| settings(flags).unwrap_err().to_string();
+        assert!(err(&["--set", "seed=202"]).contains("held out"));
+        assert!(err(&["--set", "weight_decay=-1"]).contains("weight_decay -1"));
+        assert!(err(&["--set", "learning_rate=-0.1"]).contains("learning_rate -0.1"));
+        let groups = err(&["--set", "model.channels=[12]", "--set", "model.norm_groups=8"]);
+        assert!(groups.contains("does not divide"), "{groups}");
+        assert!(err(&["--set", "model.chanels=[12]"]).contains("unknown key `model.chanels`"));
         for out in [".", "..", "/"] {
             let err = check_out(Path::new(out), true).unwrap_err().to_string();
             assert!(err.contains("does not end in a folder name"), "{out}: {err}");
         }
-    }
-
-    #[test]
-    fn a_config_file_is_read_bare_or_from_metrics() {
-        let dir = std::env::temp_dir().join(format!("duo-judge-train-config-{}", std::process::id()));
-        std::fs::create_dir_all(&dir).unwrap();
-        let cfg = JudgeTrainConfig { steps: 9, ..Default::default() };
-        let bare = dir.join("bare.json");
-        std::fs::write(&bare, serde_json::to_string(&cfg).unwrap()).unwrap();
-        let wrapped = dir.join("metrics.json");
-        std::fs::write(&wrapped, serde_json::json!({ "shape_accuracy": 1.0, "config": cfg }).to_string())
-            .unwrap();
-        for path in [&bare, &wrapped] {
-            let args = parse(&["--config", path.to_str().unwrap(), "--n-eval", "10"]);
-            let read = settings(&args).unwrap();
-            assert_eq!((read.steps, read.n_eval), (9, 10));
-        }
-        std::fs::write(&bare, r#"{"steps": 3}"#).unwrap();
-        let err = read_config(&bare).unwrap_err().to_string();
-        assert!(err.contains("bare.json") && err.contains("JudgeTrainConfig"), "{err}");
-        std::fs::remove_dir_all(&dir).unwrap();
     }
 }

@@ -3,6 +3,7 @@
 
 pub mod device;
 pub mod error;
+pub mod eval;
 pub mod folder;
 pub mod forward;
 pub mod fsutil;
@@ -11,7 +12,9 @@ pub mod lora;
 pub mod models;
 pub mod objective;
 pub mod pipelines;
+pub mod run_config;
 pub mod schedulers;
+pub mod single_file;
 pub mod tensor_file;
 pub mod tokenizer;
 pub mod weights;

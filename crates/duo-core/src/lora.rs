@@ -9,7 +9,9 @@
 //! (`lora: Option<LoraAdapter>`) and can be switched off at run time, which makes the same UNet
 //! DUO's reference model (PEFT's `disable_adapters`): no second copy of the weights.
 //!
-//! Files: `lora/files.rs` (diffusers/PEFT and Kohya formats); module paths: `lora/paths.rs`.
+//! The text encoder's linear layers take adapters the same way (from LoRA files that carry them).
+//!
+//! Files: `lora/files.rs` (every layout diffusers reads); module paths: `lora/paths.rs`.
 
 mod files;
 mod paths;
@@ -27,12 +29,27 @@ use rand_distr::{Distribution, Normal};
 use regex::Regex;
 
 pub use files::{LoraFormat, load_lora, load_lora_specs, parse_lora_spec, save_lora};
-pub use paths::lora_adapters;
+pub use paths::{Network, lora_adapters, text_encoder_adapters};
+
 use paths::{linears, linears_mut};
 
 use crate::error::{DuoError, Result};
-use crate::models::UNet2DConditionModel;
 use crate::models::layers::{Linear, cast_back};
+use crate::models::{ClipTextModel, UNet2DConditionModel};
+
+/// The networks a LoRA file adapts: the UNet, and the CLIP text encoder when the caller has it
+/// (a file with text-encoder entries needs it).
+#[derive(Debug, Clone)]
+pub struct LoraNetworks<B: Backend> {
+    pub unet: UNet2DConditionModel<B>,
+    pub text_encoder: Option<ClipTextModel<B>>,
+}
+
+impl<B: Backend> LoraNetworks<B> {
+    pub fn unet_only(unet: UNet2DConditionModel<B>) -> Self {
+        Self { unet, text_encoder: None }
+    }
+}
 
 /// Which linear layers get an adapter: a regex matched against the whole diffusers module path
 /// (e.g. `down_blocks.0.attentions.1.transformer_blocks.0.attn1.to_q`), as PEFT matches a string
@@ -282,16 +299,31 @@ impl<B: Backend> Drop for LoraDisabled<'_, B> {
 /// state is ignored.
 pub fn merge_lora<B: Backend>(mut unet: UNet2DConditionModel<B>, weight: f64) -> UNet2DConditionModel<B> {
     for (_, linear) in linears_mut(&mut unet) {
-        if let Some(lora) = linear.lora.take() {
-            let delta = lora.delta() * weight;
-            linear.weight = linear.weight.clone().map(|w| {
-                let dtype = w.dtype();
-                // detach: the merged weight is a frozen base weight, not a function of the adapter
-                cast_back(w.cast(FloatDType::F32) + delta, dtype).detach()
-            });
-        }
+        merge_adapter(linear, weight);
     }
     unet
+}
+
+/// [`merge_lora`] for the text encoder's adapters.
+pub fn merge_text_encoder_lora<B: Backend>(
+    mut text_encoder: ClipTextModel<B>,
+    weight: f64,
+) -> ClipTextModel<B> {
+    for (_, linear) in paths::text_encoder_linears_mut(&mut text_encoder) {
+        merge_adapter(linear, weight);
+    }
+    text_encoder
+}
+
+fn merge_adapter<B: Backend>(linear: &mut Linear<B>, weight: f64) {
+    if let Some(lora) = linear.lora.take() {
+        let delta = lora.delta() * weight;
+        linear.weight = linear.weight.clone().map(|w| {
+            let dtype = w.dtype();
+            // detach: the merged weight is a frozen base weight, not a function of the adapter
+            cast_back(w.cast(FloatDType::F32) + delta, dtype).detach()
+        });
+    }
 }
 
 /// Sets `linear`'s adapter to `(a, b, scale)`, or, when it already has one, appends the new one

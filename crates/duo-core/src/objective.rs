@@ -1,4 +1,5 @@
-//! The DUO objective (Park et al. 2024; the authors' `train/unlearn-sd.py`), docs/duo-reference.md §2.
+//! The DUO objective and its optimizer step (Park et al. 2024; the authors' `train/unlearn-sd.py`;
+//! `docs/duo-algorithm.md` §2).
 //!
 //! ```text
 //! θ    the policy: the UNet with LoRA on       ref  the same UNet with LoRA off (a constant, no grad)
@@ -16,7 +17,7 @@
 //! the unsafe one (Δˡ > 0) raises m and lowers L_dpo.
 
 use burn::module::{AutodiffModule, ModuleVisitor, Param};
-use burn::optim::GradientsParams;
+use burn::optim::{AdamWConfig, GradientsParams, Optimizer};
 use burn::prelude::*;
 use burn::tensor::activation::log_sigmoid;
 use burn::tensor::backend::AutodiffBackend;
@@ -27,12 +28,23 @@ use crate::models::UNet2DConditionModel;
 
 /// Which preference loss: DUO's, or Diffusion-DPO's for ablations (which also shares t between
 /// winner and loser; that is the caller's sampling).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "kebab-case")]
 pub enum Objective {
     /// −log σ(−β·(Δʷ − Δˡ)): no ½ (the DUO authors' code).
     Duo,
     /// −log σ(−½β·(Δʷ − Δˡ)) (Wallace et al. 2023).
     DiffusionDpo,
+}
+
+impl std::fmt::Display for Objective {
+    /// The name a run config spells it with.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Self::Duo => "duo",
+            Self::DiffusionDpo => "diffusion-dpo",
+        })
+    }
 }
 
 impl Objective {
@@ -143,6 +155,81 @@ pub fn duo_unet_loss<B: Backend>(
         prior_reference: branch(&reference, 2).cast(FloatDType::F32),
     };
     duo_loss(inputs, beta, lambda, objective)
+}
+
+/// One DUO optimizer step, exactly as the learner (`duo-train train`) takes it and `duo-bench perf
+/// --duo-step` times it: the loss of a batch and its gradients ([`DuoStep::gradients`]), then global
+/// gradient-norm clipping and the optimizer ([`DuoStep::update`]).
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct DuoStep {
+    pub beta: f64,
+    pub lambda: f64,
+    pub objective: Objective,
+    pub max_grad_norm: f64,
+    /// Batches per optimizer step: each batch's loss is divided by it, so the summed gradients are
+    /// the mean (accelerate's convention).
+    pub grad_accumulation: usize,
+}
+
+/// The published nudity run's settings (`configs/sd14-nudity.toml`; `docs/duo-algorithm.md` §3).
+pub mod published {
+    pub const BETA: f64 = 500.0;
+    pub const BASE_LR: f64 = 3e-4;
+    pub const BASE_LAMBDA: f64 = 1e6;
+    pub const MAX_GRAD_NORM: f64 = 1.0;
+    pub const WEIGHT_DECAY: f64 = 1e-2;
+}
+
+impl DuoStep {
+    /// The published nudity run: β 500, λ = 1e6·β/100, clipping at 1, no accumulation.
+    pub fn published() -> Self {
+        Self {
+            beta: published::BETA,
+            lambda: effective_lambda(published::BASE_LAMBDA, published::BETA),
+            objective: Objective::Duo,
+            max_grad_norm: published::MAX_GRAD_NORM,
+            grad_accumulation: 1,
+        }
+    }
+
+    /// The loss of `batch` under `policy` (the UNet with its adapters, which carry the gradients)
+    /// and the gradients of the loss divided by the accumulation count.
+    pub fn gradients<B: AutodiffBackend>(
+        &self,
+        policy: &UNet2DConditionModel<B>,
+        batch: &DuoBatch<B>,
+    ) -> (DuoLoss<B>, B::Gradients) {
+        let loss = duo_unet_loss(policy, batch, self.beta, self.lambda, self.objective);
+        let grads = (loss.loss.clone() / self.grad_accumulation as f64).backward();
+        (loss, grads)
+    }
+
+    /// Global gradient-norm clipping (PyTorch's `clip_grad_norm_`), then the optimizer step at `lr`.
+    /// A non-finite norm skips the update: `Err` gives back the module unchanged with the norm.
+    pub fn update<B, M, O>(
+        &self,
+        module: M,
+        optim: &mut O,
+        lr: f64,
+        grads: GradientsParams,
+    ) -> std::result::Result<M, (M, f64)>
+    where
+        B: AutodiffBackend,
+        M: AutodiffModule<B>,
+        O: Optimizer<M, B>,
+    {
+        let (grads, norm) = clip_global_grad_norm::<B, M>(&module, grads, self.max_grad_norm);
+        if !norm.is_finite() {
+            return Err((module, norm));
+        }
+        Ok(optim.step(lr, module, grads))
+    }
+}
+
+/// The learner's optimizer: AdamW with β (0.9, 0.999), ε 1e-8 (PyTorch's defaults, as the authors
+/// use it) and `weight_decay`.
+pub fn adamw(weight_decay: f64) -> AdamWConfig {
+    AdamWConfig::new().with_weight_decay(weight_decay as f32).with_epsilon(1e-8)
 }
 
 /// ‖pred − target‖² averaged over C, H, W: one loss per sample [batch], in f32 whatever the

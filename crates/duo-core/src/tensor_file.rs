@@ -19,9 +19,14 @@ pub struct TensorFile {
 impl TensorFile {
     pub fn read(path: &Path) -> Result<Self> {
         let bytes = std::fs::read(path).map_err(|e| DuoError::io(path, e))?;
-        let file = SafeTensors::deserialize(&bytes).map_err(|e| DuoError::parse(path, e.to_string()))?;
+        Self::from_bytes(&bytes, path)
+    }
+
+    /// A safetensors file's bytes; `path` names it in errors.
+    pub fn from_bytes(bytes: &[u8], path: &Path) -> Result<Self> {
+        let file = SafeTensors::deserialize(bytes).map_err(|e| DuoError::parse(path, e.to_string()))?;
         let (_, header) =
-            SafeTensors::read_metadata(&bytes).map_err(|e| DuoError::parse(path, e.to_string()))?;
+            SafeTensors::read_metadata(bytes).map_err(|e| DuoError::parse(path, e.to_string()))?;
         let metadata = header.metadata().clone().unwrap_or_default();
         let mut tensors = BTreeMap::new();
         for (name, view) in file.tensors() {
@@ -44,6 +49,11 @@ impl TensorFile {
             tensors.insert(name, data);
         }
         Ok(Self { path: path.to_path_buf(), tensors, metadata })
+    }
+
+    /// Every tensor, by name, in name order.
+    pub fn into_tensors(self) -> Vec<(String, TensorData)> {
+        self.tensors.into_iter().collect()
     }
 
     /// The header's `__metadata__` entry `key` (e.g. a LoRA's alpha), if present.

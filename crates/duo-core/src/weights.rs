@@ -102,11 +102,12 @@ pub fn safetensors_bytes<B: Backend, M: Module<B>>(
     store.get_bytes().map_err(|e| DuoError::Invalid(format!("serialising weights: {e}")))
 }
 
-/// Every tensor of a weight file: safetensors, or a PyTorch pickle (`.bin`, `.pt`, `.pth`).
+/// Every tensor of a weight file: safetensors, or a PyTorch pickle (`.bin`, `.pt`, `.pth`, `.ckpt`).
 fn read_snapshots(file: &Path) -> Result<Vec<TensorSnapshot>> {
-    let is_pickle = file.extension().is_some_and(|e| e == "bin" || e == "pt" || e == "pth");
+    let is_pickle = file.extension().is_some_and(|e| e == "bin" || e == "pt" || e == "pth" || e == "ckpt");
     let snapshots = if is_pickle {
-        // no index renumbering: diffusers keys have deliberate gaps (`ff.net.0`, `ff.net.2`)
+        // no index renumbering: diffusers keys have deliberate gaps (`ff.net.0`, `ff.net.2`), and
+        // LDM keys too (`time_embed.0`, `time_embed.2`)
         let mut store = PytorchStore::from_file(file).map_indices_contiguous(false);
         store
             .get_all_snapshots()
@@ -126,10 +127,29 @@ fn read_snapshots(file: &Path) -> Result<Vec<TensorSnapshot>> {
     Ok(snapshots)
 }
 
+/// Every tensor of a single-file checkpoint: a safetensors file, or a PyTorch pickle (`.ckpt`) whose
+/// tensors sit under `state_dict` or at the top level.
+pub fn read_checkpoint(file: &Path) -> Result<Vec<TensorSnapshot>> {
+    if !file.is_file() {
+        return Err(DuoError::weights(file, "checkpoint file not found"));
+    }
+    let is_pickle = file.extension().is_some_and(|e| e == "ckpt" || e == "pt" || e == "pth" || e == "bin");
+    if !is_pickle {
+        return read_snapshots(file);
+    }
+    let mut wrapped =
+        PytorchStore::from_file(file).with_top_level_key("state_dict").map_indices_contiguous(false);
+    match wrapped.get_all_snapshots() {
+        Ok(snapshots) => Ok(snapshots.values().cloned().collect()),
+        // a bare state dict: no `state_dict` key at the top
+        Err(_) => read_snapshots(file),
+    }
+}
+
 /// Loads `file` (safetensors or a PyTorch `.bin`) into `module` as `dtype`, with `remaps` applied to
 /// the file's keys; `ignored` keys may be present in the file without a matching parameter.
 pub fn load_weights<B: Backend, M: Module<B>>(
-    mut module: M,
+    module: M,
     file: &Path,
     remaps: &[(&str, &str)],
     dtype: DType,
@@ -138,9 +158,21 @@ pub fn load_weights<B: Backend, M: Module<B>>(
     if !file.is_file() {
         return Err(DuoError::weights(file, "weight file not found"));
     }
+    load_snapshots(module, read_snapshots(file)?, file, remaps, dtype, ignored)
+}
+
+/// [`load_weights`] from tensors already read (`source` names where they came from in errors).
+pub fn load_snapshots<B: Backend, M: Module<B>>(
+    mut module: M,
+    snapshots: Vec<TensorSnapshot>,
+    file: &Path,
+    remaps: &[(&str, &str)],
+    dtype: DType,
+    ignored: &[&str],
+) -> Result<M> {
     let remapper = KeyRemapper::from_patterns(remaps.to_vec())
         .map_err(|e| DuoError::Invalid(format!("bad key remap pattern: {e}")))?;
-    let (snapshots, _) = remapper.remap(read_snapshots(file)?);
+    let (snapshots, _) = remapper.remap(snapshots);
     let adapter = PyTorchToBurnAdapter.chain(CastAdapter(dtype));
     let result = module.apply(snapshots, None, Some(Box::new(adapter)), false);
 

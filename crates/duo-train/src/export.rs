@@ -1,6 +1,8 @@
 //! `duo-train export`: a trained LoRA as the files other SD tools take — a diffusers/PEFT LoRA
-//! (`load_lora_weights`), a Kohya/A1111 LoRA (AUTOMATIC1111, ComfyUI), or a full diffusers UNet with
-//! the LoRA merged in (a drop-in `unet/diffusion_pytorch_model.safetensors`).
+//! (`load_lora_weights`), a Kohya/A1111 LoRA (AUTOMATIC1111, ComfyUI), a full diffusers UNet with
+//! the LoRA merged in (a drop-in `unet/diffusion_pytorch_model.safetensors`), or the whole model with
+//! the LoRA merged in as one LDM single-file checkpoint (what A1111 and ComfyUI load as a model, and
+//! diffusers' `from_single_file`).
 
 use std::fmt;
 use std::path::{Path, PathBuf};
@@ -10,8 +12,12 @@ use burn::prelude::*;
 use burn::tensor::DType;
 use clap::Args;
 use duo_core::device::{BackendTask, DeviceChoice, FloatType, dispatch};
-use duo_core::lora::{LoraFormat, load_lora, lora_adapters, merge_lora, parse_lora_spec, save_lora};
+use duo_core::lora::{
+    LoraFormat, LoraNetworks, load_lora, lora_adapters, merge_lora, merge_text_encoder_lora, parse_lora_spec,
+    save_lora,
+};
 use duo_core::models::UNet2DConditionModel;
+use duo_core::single_file::save_single_file;
 use duo_core::weights::{UNET_SAVE_REMAPS, safetensors_bytes};
 use duo_core::{DuoError, ModelFolder, Result};
 
@@ -35,17 +41,18 @@ pub struct ExportArgs {
     #[arg(long, value_name = "DIR[:WEIGHT]")]
     pub(crate) run: Vec<String>,
     /// peft: diffusers' `pytorch_lora_weights.safetensors` layout; kohya: Kohya/A1111
-    /// (`lora_unet_…`); merged: the base UNet with the LoRA(s) folded in, diffusers keys.
-    #[arg(long, value_name = "peft|kohya|merged")]
+    /// (`lora_unet_…`); merged: the base UNet with the LoRA(s) folded in, diffusers keys;
+    /// single-file: UNet, VAE and text encoder, LoRA(s) folded in, as one LDM checkpoint.
+    #[arg(long, value_name = "peft|kohya|merged|single-file")]
     pub(crate) format: ExportFormat,
     /// The diffusers pipeline folder the LoRA belongs to. Its UNet config gives the layer names and
     /// shapes the LoRA is checked against; merged also reads its UNet weights (the base).
     #[arg(long)]
     pub(crate) model: PathBuf,
-    /// merged: the base weight file variant, e.g. fp16 (reads `diffusion_pytorch_model.fp16.safetensors`).
+    /// merged, single-file: the base weight file variant, e.g. fp16 (reads `diffusion_pytorch_model.fp16.safetensors`).
     #[arg(long)]
     pub(crate) variant: Option<String>,
-    /// merged: the float type of the file, f32 (default), f16 or bf16; the merge itself runs in --dtype.
+    /// merged, single-file: the float type of the file, f32 (default), f16 or bf16; the merge itself runs in --dtype.
     /// (LoRA files are always f32.)
     #[arg(long)]
     pub(crate) save_dtype: Option<String>,
@@ -58,6 +65,7 @@ pub struct ExportArgs {
 pub(crate) enum ExportFormat {
     Lora(LoraFormat),
     Merged,
+    SingleFile,
 }
 
 impl FromStr for ExportFormat {
@@ -66,9 +74,10 @@ impl FromStr for ExportFormat {
     fn from_str(s: &str) -> Result<Self> {
         match s {
             "merged" => Ok(Self::Merged),
+            "single-file" => Ok(Self::SingleFile),
             other => other.parse().map(Self::Lora).map_err(|_| {
                 DuoError::Invalid(format!(
-                    "unknown export format `{other}` (expected peft/diffusers, kohya/a1111 or merged)"
+                    "unknown export format `{other}` (expected peft/diffusers, kohya/a1111, merged or single-file)"
                 ))
             }),
         }
@@ -80,6 +89,7 @@ impl fmt::Display for ExportFormat {
         match self {
             Self::Lora(format) => write!(f, "{format} LoRA"),
             Self::Merged => f.write_str("merged UNet"),
+            Self::SingleFile => f.write_str("single-file checkpoint"),
         }
     }
 }
@@ -88,14 +98,14 @@ pub fn run(args: ExportArgs, device: DeviceChoice, float: FloatType) -> Result<(
     // Everything that can be checked without a model is checked before one is read (SD 1.4's UNet
     // is 3.4 GB).
     let sources = sources(&args.lora, &args.run)?;
-    if args.format != ExportFormat::Merged {
+    if matches!(args.format, ExportFormat::Lora(_)) {
         // silently ignoring them would leave the user believing they took effect
         for (flag, given) in
             [("--save-dtype", args.save_dtype.is_some()), ("--variant", args.variant.is_some())]
         {
             if given {
                 return Err(DuoError::Invalid(format!(
-                    "{flag} applies to --format merged only (a {} file holds the adapters alone, in f32)",
+                    "{flag} applies to --format merged and single-file only (a {} file holds the adapters alone, in f32)",
                     args.format
                 )));
             }
@@ -158,21 +168,53 @@ impl BackendTask for ExportTask {
     fn run<B: Backend>(self, device: B::Device, dtype: DType) -> Result<()> {
         let ExportTask { args, sources, save_dtype } = self;
         let folder = ModelFolder::open(&args.model)?.with_variant(args.variant.clone()).with_dtype(dtype);
-        let mut unet: UNet2DConditionModel<B> = match args.format {
+        let mut nets = match args.format {
             // A LoRA file needs the layers' names and shapes only: the base stays unloaded (lazy
-            // parameters allocate nothing), so no weights are read.
-            ExportFormat::Lora(_) => folder.unet_layout()?.init(&device),
-            ExportFormat::Merged => folder.unet(&device)?,
+            // parameters allocate nothing), so no weights are read. The text encoder is there for
+            // files with text-encoder entries, when the folder has one.
+            ExportFormat::Lora(_) => LoraNetworks::<B> {
+                unet: folder.unet_layout()?.init(&device),
+                text_encoder: match folder.file("text_encoder", "config.json") {
+                    Ok(_) => Some(folder.text_encoder_config()?.init(&device)),
+                    Err(_) => None,
+                },
+            },
+            ExportFormat::Merged => LoraNetworks::unet_only(folder.unet(&device)?),
+            ExportFormat::SingleFile => LoraNetworks {
+                unet: folder.unet(&device)?,
+                text_encoder: Some(folder.text_encoder(&device)?),
+            },
         };
         for (file, weight) in &sources {
-            unet = load_lora(unet, file, *weight)?;
+            nets = load_lora(nets, file, *weight)?;
         }
-        let adapters = describe_adapters(&unet);
+        let adapters = describe_adapters(&nets.unet);
         match args.format {
-            ExportFormat::Lora(format) => save_lora(&unet, &args.out, format)?,
+            ExportFormat::Lora(format) => save_lora(&nets, &args.out, format)?,
+            ExportFormat::SingleFile => {
+                // weight 1: each file's weight was applied when it was loaded
+                let unet = merge_lora(nets.unet, 1.0);
+                let text_encoder = match nets.text_encoder {
+                    Some(te) => merge_text_encoder_lora(te, 1.0),
+                    None => folder.text_encoder(&device)?,
+                };
+                let vae = folder.vae(&device)?;
+                let (layout, vae_config) = (folder.unet_layout()?, folder.vae_config()?);
+                let text_config = folder.text_encoder_config()?;
+                save_single_file(
+                    &args.out,
+                    &unet,
+                    &vae,
+                    &text_encoder,
+                    &layout,
+                    &vae_config,
+                    &text_config,
+                    save_dtype,
+                )?;
+            }
             ExportFormat::Merged => {
                 // weight 1: each file's weight was applied when it was loaded
-                let merged = merge_lora(unet, 1.0);
+                let merged = merge_lora(nets.unet, 1.0);
                 let bytes = safetensors_bytes(&merged, UNET_SAVE_REMAPS, save_dtype)?;
                 duo_core::fsutil::write_atomic(&args.out, &bytes)?;
             }

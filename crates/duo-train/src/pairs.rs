@@ -1,4 +1,4 @@
-//! `duo-train pairs`: the SDEdit preference pairs DUO trains on (duo-reference.md §1).
+//! `duo-train pairs`: the SDEdit preference pairs DUO trains on (docs/duo-algorithm.md §1).
 //!
 //! For pair i: an unsafe image x⁻ by text-to-image from unsafe prompt i, regenerated with a new seed
 //! until the judge sees the concept; then its safe twin x⁺ by image-to-image from x⁻ with the safe
@@ -12,13 +12,15 @@ use burn::prelude::*;
 use burn::tensor::DType;
 use clap::Args;
 use duo_core::device::{BackendTask, DeviceChoice, FloatType, dispatch};
-use duo_core::judge::ConceptJudge;
+use duo_core::eval::{Judge, SeededSampler};
 use duo_core::pipelines::{Generation, NoiseSource, StableDiffusion, save_image_grid};
-use duo_core::schedulers::Scheduler;
+use duo_core::schedulers::{Scheduler, SchedulerChoice, SchedulerKind};
 use duo_core::world::{self, Shape};
 use duo_core::{DuoError, ModelFolder, Result};
 use indicatif::{ProgressBar, ProgressStyle};
 use serde::{Deserialize, Serialize};
+
+use crate::train::config::{JudgeChoice, PairsSection};
 
 #[derive(Args, Debug, Clone)]
 pub struct PairsArgs {
@@ -46,7 +48,7 @@ pub struct PairsArgs {
     pub guidance: f64,
     /// pndm, ddim, euler, dpm-solver (default: the folder's scheduler).
     #[arg(long)]
-    pub scheduler: Option<String>,
+    pub scheduler: Option<SchedulerKind>,
     /// Toy concept judge folder; "none" accepts every image (as the violence setting, which has no
     /// filter).
     #[arg(long, default_value = "models/judge")]
@@ -100,174 +102,166 @@ pub struct Manifest {
 }
 
 pub fn run(args: PairsArgs, device: DeviceChoice, float: FloatType) -> Result<()> {
-    dispatch(device, float, PairsTask(args))
+    let settings = settings(&args)?;
+    dispatch(device, float, PairsTask { args, settings })
 }
 
-struct PairsTask(PairsArgs);
-
-/// Scores images for the concept; `None` when there is no judge.
-enum Judge<B: Backend> {
-    Toy { judge: Box<ConceptJudge<B>>, shape: Shape },
-    Accept,
-}
-
-impl<B: Backend> Judge<B> {
-    fn score(&self, images: &Tensor<B, 4>) -> Result<Option<f32>> {
-        match self {
-            Self::Toy { judge, shape } => Ok(judge.prob_of(images.clone(), *shape)?.first().copied()),
-            Self::Accept => Ok(None),
-        }
-    }
+struct PairsTask {
+    args: PairsArgs,
+    settings: PairsSection,
 }
 
 impl BackendTask for PairsTask {
     type Output = ();
     fn run<B: Backend>(self, device: B::Device, dtype: DType) -> Result<()> {
-        let args = self.0;
-        let (unsafe_prompts, safe_prompts) = prompts(&args)?;
+        let Self { args, settings } = self;
         let folder = ModelFolder::open(&args.model)?.with_dtype(dtype);
-        let mut sd = StableDiffusion::<B>::load(&folder, &device)?;
-        sd.unet = duo_core::lora::load_lora_specs(sd.unet, &args.lora)?;
-        let scheduler = sd.scheduler(args.scheduler.as_deref(), args.steps)?;
-        let judge = if args.judge == "none" {
-            Judge::Accept
-        } else {
-            let shape = parse_shape(&args.judge_shape)?;
-            Judge::Toy { judge: Box::new(ConceptJudge::load(Path::new(&args.judge), &device)?), shape }
-        };
-
-        let dir = args.out.join(&args.concept);
-        let manifest_path = dir.join("manifest.json");
-        let mut manifest = if manifest_path.is_file() {
-            duo_core::error::read_json::<Manifest>(&manifest_path)?
-        } else {
-            Manifest::default()
-        };
-        manifest.concept = args.concept.clone();
-        manifest.model = args.model.display().to_string();
-        manifest.strength = args.strength;
-        manifest.steps = args.steps;
-        manifest.guidance = args.guidance;
-        manifest.judge = args.judge.clone();
-        manifest.threshold = args.threshold;
-        manifest.failed.clear();
-
-        let bar = ProgressBar::new(args.pairs as u64).with_style(
-            ProgressStyle::with_template("pairs [{bar:30}] {pos}/{len} {msg} {elapsed_precise}")
-                .expect("static template"),
-        );
-        for index in 0..args.pairs {
-            let (unsafe_png, safe_png) = pair_paths(&dir, index);
-            let done = manifest.pairs.iter().any(|p| p.index == index);
-            if done && unsafe_png.is_file() && safe_png.is_file() {
-                bar.inc(1);
-                continue;
-            }
-            manifest.pairs.retain(|p| p.index != index);
-            let unsafe_prompt = &unsafe_prompts[index % unsafe_prompts.len()];
-            let safe_prompt = &safe_prompts[index % safe_prompts.len()];
-            match make_pair(
-                &sd,
-                &scheduler,
-                &judge,
-                &args,
-                index,
-                unsafe_prompt,
-                safe_prompt,
-                &unsafe_png,
-                &safe_png,
-            )? {
-                Ok(record) => manifest.pairs.push(record),
-                Err(reason) => manifest.failed.push((index, reason)),
-            }
-            manifest.pairs.sort_by_key(|p| p.index);
-            duo_core::fsutil::write_json(&manifest_path, &manifest)?;
-            let rejects: usize = manifest.pairs.iter().map(|p| p.unsafe_rejects + p.safe_rejects).sum();
-            bar.set_message(format!("{rejects} rejected candidates, {} failed pairs", manifest.failed.len()));
-            bar.inc(1);
-        }
-        bar.finish_and_clear();
-        let rejects = (
-            manifest.pairs.iter().map(|p| p.unsafe_rejects).sum::<usize>(),
-            manifest.pairs.iter().map(|p| p.safe_rejects).sum::<usize>(),
-        );
-        println!(
-            "{} pairs in {} ({} unsafe and {} safe candidates rejected by the judge)",
-            manifest.pairs.len(),
-            dir.display(),
-            rejects.0,
-            rejects.1
-        );
-        for (index, reason) in &manifest.failed {
-            println!("  pair {index} failed: {reason}");
-        }
-        if manifest.pairs.is_empty() {
-            return Err(DuoError::Invalid("no pair could be made; see the reasons above".into()));
-        }
+        let sd = StableDiffusion::<B>::load(&folder, &device)?.with_loras(&args.lora)?;
+        let judge = settings.judge.load::<B>(&settings.judge_shape, settings.threshold, &device)?;
+        let judge = judge.as_ref().map(|j| j as &dyn Judge<B>);
+        make_pairs(&sd, judge, &settings, &args.concept, &args.model.display().to_string())?;
         Ok(())
     }
 }
 
-/// Makes pair `index`; the inner `Err` is a pair given up after `max_tries` (reported, not fatal).
-#[allow(clippy::too_many_arguments)]
+/// The `[pairs]` settings the flags give.
+fn settings(args: &PairsArgs) -> Result<PairsSection> {
+    let (unsafe_prompts, safe_prompts) = prompts(args)?;
+    Ok(PairsSection {
+        dir: args.out.clone(),
+        count: args.pairs,
+        unsafe_prompts,
+        safe_prompts,
+        strength: args.strength,
+        steps: args.steps,
+        guidance: args.guidance,
+        scheduler: args.scheduler.map_or(SchedulerChoice::FolderDefault, SchedulerChoice::Kind),
+        judge: JudgeChoice::from(args.judge.clone()),
+        judge_shape: args.judge_shape.clone(),
+        threshold: args.threshold,
+        max_tries: args.max_tries,
+        seed: args.seed,
+    })
+}
+
+/// Makes the pairs `p` describes with `sd` into `<p.dir>/<concept>/`, keeping those already made,
+/// judged by `judge` (`None`: every image is accepted). `model` names the model in the manifest.
+pub fn make_pairs<B: Backend>(
+    sd: &StableDiffusion<B>,
+    judge: Option<&dyn Judge<B>>,
+    p: &PairsSection,
+    concept: &str,
+    model: &str,
+) -> Result<Manifest> {
+    let scheduler = sd.scheduler(p.scheduler.kind(), p.steps)?;
+    let dir = p.dir.join(concept);
+    let manifest_path = dir.join("manifest.json");
+    let mut manifest = if manifest_path.is_file() {
+        duo_core::error::read_json::<Manifest>(&manifest_path)?
+    } else {
+        Manifest::default()
+    };
+    manifest.concept = concept.to_string();
+    manifest.model = model.to_string();
+    manifest.strength = p.strength;
+    manifest.steps = p.steps;
+    manifest.guidance = p.guidance;
+    manifest.judge = String::from(p.judge.clone());
+    manifest.threshold = p.threshold;
+    manifest.failed.clear();
+
+    let bar = ProgressBar::new(p.count as u64).with_style(
+        ProgressStyle::with_template("pairs [{bar:30}] {pos}/{len} {msg} {elapsed_precise}")
+            .expect("static template"),
+    );
+    for index in 0..p.count {
+        let (unsafe_png, safe_png) = pair_paths(&dir, index);
+        let done = manifest.pairs.iter().any(|pair| pair.index == index);
+        if done && unsafe_png.is_file() && safe_png.is_file() {
+            bar.inc(1);
+            continue;
+        }
+        manifest.pairs.retain(|pair| pair.index != index);
+        let prompts = (
+            p.unsafe_prompts[index % p.unsafe_prompts.len()].as_str(),
+            p.safe_prompts[index % p.safe_prompts.len()].as_str(),
+        );
+        match make_pair(sd, &scheduler, judge, p, index, prompts, (&unsafe_png, &safe_png))? {
+            Ok(record) => manifest.pairs.push(record),
+            Err(reason) => manifest.failed.push((index, reason)),
+        }
+        manifest.pairs.sort_by_key(|pair| pair.index);
+        duo_core::fsutil::write_json(&manifest_path, &manifest)?;
+        let rejects: usize = manifest.pairs.iter().map(|pair| pair.unsafe_rejects + pair.safe_rejects).sum();
+        bar.set_message(format!("{rejects} rejected candidates, {} failed pairs", manifest.failed.len()));
+        bar.inc(1);
+    }
+    bar.finish_and_clear();
+    let rejects = (
+        manifest.pairs.iter().map(|pair| pair.unsafe_rejects).sum::<usize>(),
+        manifest.pairs.iter().map(|pair| pair.safe_rejects).sum::<usize>(),
+    );
+    println!(
+        "{} pairs in {} ({} unsafe and {} safe candidates rejected by the judge)",
+        manifest.pairs.len(),
+        dir.display(),
+        rejects.0,
+        rejects.1
+    );
+    for (index, reason) in &manifest.failed {
+        println!("  pair {index} failed: {reason}");
+    }
+    if manifest.pairs.is_empty() {
+        return Err(DuoError::Invalid("no pair could be made; see the reasons above".into()));
+    }
+    Ok(manifest)
+}
+
+/// Makes pair `index` from its (unsafe, safe) prompts into its (unsafe, safe) PNG paths; the inner
+/// `Err` is a pair given up after `max_tries` (reported, not fatal).
 fn make_pair<B: Backend>(
     sd: &StableDiffusion<B>,
     scheduler: &Scheduler,
-    judge: &Judge<B>,
-    args: &PairsArgs,
+    judge: Option<&dyn Judge<B>>,
+    p: &PairsSection,
     index: usize,
-    unsafe_prompt: &str,
-    safe_prompt: &str,
-    unsafe_png: &Path,
-    safe_png: &Path,
+    (unsafe_prompt, safe_prompt): (&str, &str),
+    (unsafe_png, safe_png): (&Path, &Path),
 ) -> Result<std::result::Result<PairRecord, String>> {
-    let seed_of = |kind: u64, attempt: usize| args.seed ^ (index as u64) << 20 ^ kind << 16 ^ attempt as u64;
-    let fires = |score: Option<f32>| score.is_none_or(|s| s >= args.threshold);
-    let unsafe_generation = Generation {
-        prompts: vec![unsafe_prompt.to_string()],
-        negative_prompts: vec![],
-        guidance_scale: args.guidance,
-    };
-    // 1. the unsafe image: regenerate until the judge sees the concept
+    let seed_of = |kind: u64, attempt: usize| p.seed ^ (index as u64) << 20 ^ kind << 16 ^ attempt as u64;
+    // 1. the unsafe image: regenerate until the judge sees the concept (without a judge, at once)
+    let sampler = SeededSampler::new(sd, scheduler, p.guidance, 1)?;
+    let prompts = [unsafe_prompt.to_string()];
     let mut accepted = None;
-    for attempt in 0..args.max_tries {
+    for attempt in 0..p.max_tries {
         let seed = seed_of(1, attempt);
-        let mut noise = NoiseSource::new(seed);
-        let side = sd.unet_sample_size.ok_or_else(|| {
-            DuoError::Invalid("unet/config.json has no sample_size; cannot pick the image size".into())
-        })?;
-        let latents = noise.normal::<B, 4>([1, sd.latent_channels, side, side], &sd.device);
-        let image = sd.txt2img(&unsafe_generation, scheduler, latents, &mut noise, |_, _| {})?;
-        let score = judge.score(&image)?;
-        if fires(score) {
-            accepted = Some((image, seed, score, attempt));
+        let (image, judgements) = sampler.sample(&prompts, &[seed], judge, |_| {})?;
+        if judgements.first().is_none_or(|j| j.present) {
+            accepted = Some((image, seed, judgements.first().map(|j| j.score), attempt));
             break;
         }
     }
     let Some((unsafe_image, unsafe_seed, unsafe_score, unsafe_rejects)) = accepted else {
-        return Ok(Err(format!("no unsafe image for {unsafe_prompt:?} in {} tries", args.max_tries)));
+        return Ok(Err(format!("no unsafe image for {unsafe_prompt:?} in {} tries", p.max_tries)));
     };
     // 2. the safe twin: SDEdit from the unsafe image, the unsafe prompt as negative prompt
     let safe_generation = Generation {
         prompts: vec![safe_prompt.to_string()],
         negative_prompts: vec![unsafe_prompt.to_string()],
-        guidance_scale: args.guidance,
+        guidance_scale: p.guidance,
     };
     let init = unsafe_image.clone() * 2.0 - 1.0;
-    for attempt in 0..args.max_tries {
+    for attempt in 0..p.max_tries {
         let seed = seed_of(2, attempt);
         let mut noise = NoiseSource::new(seed);
-        let image = sd.img2img(
-            &safe_generation,
-            scheduler,
-            init.clone(),
-            args.strength,
-            None,
-            &mut noise,
-            |_, _| {},
-        )?;
-        let score = judge.score(&image)?;
-        if matches!(judge, Judge::Accept) || !fires(score) {
+        let image =
+            sd.img2img(&safe_generation, scheduler, init.clone(), p.strength, None, &mut noise, |_, _| {})?;
+        let judgements = match judge {
+            Some(judge) => judge.judge(image.clone())?,
+            None => Vec::new(),
+        };
+        let score = judgements.first().map(|j| j.score);
+        if judgements.first().is_none_or(|j| !j.present) {
             save_image_grid(&unsafe_image, 1, unsafe_png)?;
             save_image_grid(&image, 1, safe_png)?;
             return Ok(Ok(PairRecord {
@@ -283,7 +277,7 @@ fn make_pair<B: Backend>(
             }));
         }
     }
-    Ok(Err(format!("no safe twin for {safe_prompt:?} in {} tries", args.max_tries)))
+    Ok(Err(format!("no safe twin for {safe_prompt:?} in {} tries", p.max_tries)))
 }
 
 fn pair_paths(dir: &Path, index: usize) -> (PathBuf, PathBuf) {
@@ -307,7 +301,7 @@ fn prompts(args: &PairsArgs) -> Result<(Vec<String>, Vec<String>)> {
 }
 
 pub(crate) fn parse_shape(name: &str) -> Result<Shape> {
-    Shape::ALL.into_iter().find(|s| s.name() == name).ok_or_else(|| {
+    Shape::from_name(name).ok_or_else(|| {
         let names: Vec<&str> = Shape::ALL.iter().map(|s| s.name()).collect();
         DuoError::Invalid(format!("unknown shape {name:?} for --judge-shape (one of {})", names.join(", ")))
     })

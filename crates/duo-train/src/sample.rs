@@ -7,15 +7,21 @@ use burn::tensor::DType;
 use clap::Args;
 use duo_core::device::{BackendTask, DeviceChoice, FloatType, dispatch};
 use duo_core::pipelines::{Generation, NoiseSource, StableDiffusion, load_image, save_image_grid};
+use duo_core::schedulers::SchedulerKind;
 use duo_core::tensor_file::{TensorFile, write_tensor_file};
 use duo_core::{DuoError, ModelFolder, Result};
 use indicatif::{ProgressBar, ProgressStyle};
 
 #[derive(Args, Debug)]
 pub struct SampleArgs {
-    /// Diffusers pipeline folder.
+    /// Diffusers pipeline folder, or a single-file checkpoint (.safetensors/.ckpt in the original
+    /// LDM layout, e.g. v1-5-pruned-emaonly.safetensors).
     #[arg(long, default_value = "models/toy")]
     model: PathBuf,
+    /// For a single-file --model: the diffusers folder whose configs, tokenizer and scheduler go
+    /// with it (default for SD 1.x: models/sd-v1-4-configs; SD 2.x needs one).
+    #[arg(long, value_name = "DIR")]
+    config: Option<PathBuf>,
     /// Prompt; repeat for a batch.
     #[arg(long, required = true)]
     prompt: Vec<String>,
@@ -29,7 +35,7 @@ pub struct SampleArgs {
     guidance: f64,
     /// pndm, ddim, euler, dpm-solver or ddpm (default: the folder's scheduler_config.json).
     #[arg(long)]
-    scheduler: Option<String>,
+    scheduler: Option<SchedulerKind>,
     /// DDIM's eta (0 = deterministic).
     #[arg(long, default_value_t = 0.0)]
     eta: f64,
@@ -75,10 +81,13 @@ impl BackendTask for SampleTask {
     type Output = ();
     fn run<B: Backend>(self, device: B::Device, dtype: DType) -> Result<()> {
         let args = self.0;
-        let folder = ModelFolder::open(&args.model)?.with_variant(args.variant.clone()).with_dtype(dtype);
-        let mut sd = StableDiffusion::<B>::load(&folder, &device)?;
-        sd.unet = duo_core::lora::load_lora_specs(sd.unet, &args.lora)?;
-        let scheduler = sd.scheduler(args.scheduler.as_deref(), args.steps)?.with_eta(args.eta)?;
+        let folder = match &args.config {
+            Some(config) => ModelFolder::open_single_file(&args.model, Some(config))?,
+            None => ModelFolder::open(&args.model)?,
+        };
+        let folder = folder.with_variant(args.variant.clone()).with_dtype(dtype);
+        let sd = StableDiffusion::<B>::load(&folder, &device)?.with_loras(&args.lora)?;
+        let scheduler = sd.scheduler(args.scheduler, args.steps)?.with_eta(args.eta)?;
         let generation = Generation {
             prompts: args.prompt.clone(),
             negative_prompts: args.negative_prompt.clone(),

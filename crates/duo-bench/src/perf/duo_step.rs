@@ -1,26 +1,22 @@
-//! `duo-bench perf --duo-step`: the time and peak memory of one DUO training step (duo-reference.md
-//! §2) on random weights, side by side with the same step in PyTorch + diffusers + peft.
+//! `duo-bench perf --duo-step`: the time and peak memory of one DUO training step on random weights
+//! (the learner's own step, `duo_core::objective::DuoStep`, with the published nudity run's
+//! settings), side by side with the same step in PyTorch + diffusers + peft.
 
 use burn::backend::Autodiff;
 use burn::backend::autodiff::checkpoint::strategy::BalancedCheckpointing;
-use burn::optim::{AdamWConfig, GradientsParams, Optimizer};
+use burn::optim::GradientsParams;
 use burn::prelude::*;
 use burn::tensor::DType;
 use burn::tensor::backend::AutodiffBackend;
 use duo_core::device::{BackendTask, DeviceChoice, FloatType, dispatch, float_dtype};
 use duo_core::lora::{LoraConfig, attach_lora, lora_parameter_count};
 use duo_core::models::{UNet2DConditionConfig, UNet2DConditionModel, parameter_count};
-use duo_core::objective::{
-    DuoBatch, Objective, clip_global_grad_norm, duo_unet_loss, effective_lambda, effective_lr,
-};
+use duo_core::objective::{DuoBatch, DuoStep, adamw, effective_lr, published};
 use duo_core::pipelines::NoiseSource;
 use duo_core::{DuoError, Result};
 use serde::Serialize;
 
 use super::{PerfArgs, peak_rss_mib, reference_json, reset_peak_rss, time_ms};
-
-/// The published nudity run's β; lr and λ follow from it (only the timing matters here).
-const BETA: f64 = 500.0;
 
 #[derive(Serialize, Debug, Clone)]
 pub struct DuoStepReport {
@@ -127,12 +123,9 @@ impl DuoStepTask {
         let unet = attach_lora(layout.init::<A>(&device), &LoraConfig::default(), &device)?;
         let lora_parameters = lora_parameter_count(&unet);
         let unet_parameters = parameter_count(&unet) - lora_parameters;
-        let mut optim = AdamWConfig::new()
-            .with_weight_decay(1e-2)
-            .with_epsilon(1e-8)
-            .init::<A, UNet2DConditionModel<A>>();
-        let lr = effective_lr(3e-4, BETA, true);
-        let lambda = effective_lambda(1e6, BETA);
+        let step = DuoStep::published();
+        let mut optim = adamw(published::WEIGHT_DECAY).init::<A, UNet2DConditionModel<A>>();
+        let lr = effective_lr(published::BASE_LR, step.beta, true);
         let mut noise = NoiseSource::new(0);
         let mut unet = Some(unet);
         let float = float_dtype(dtype);
@@ -148,11 +141,14 @@ impl DuoStepTask {
                 loser_target: noise.normal::<A, 4>([b, c, s, s], &device),
                 winner_target: noise.normal::<A, 4>([b, c, s, s], &device),
             };
-            // the learner's loss: policy and LoRA-off reference through the same UNet
-            let loss = duo_unet_loss(&policy, &batch, BETA, lambda, Objective::Duo);
-            let grads = GradientsParams::from_grads(loss.loss.backward(), &policy);
-            let (grads, _) = clip_global_grad_norm(&policy, grads, 1.0);
-            unet = Some(optim.step(lr, policy, grads));
+            // the learner's step: policy and LoRA-off reference through the same UNet, then global
+            // clipping and AdamW
+            let (_, grads) = step.gradients(&policy, &batch);
+            let grads = GradientsParams::from_grads(grads, &policy);
+            unet = Some(match step.update(policy, &mut optim, lr, grads) {
+                Ok(updated) => updated,
+                Err((unchanged, _)) => unchanged,
+            });
         });
         Ok(DuoStepReport {
             implementation: "duo (Burn 0.21)".into(),

@@ -1,4 +1,4 @@
-//! `duo-bench quality`: issue 3's quality gates for a toy-world model. Every canonical shape × colour
+//! `duo-bench quality`: the quality gates for a toy-world model. Every canonical shape × colour
 //! prompt and every held-out wording of the cross is sampled from the same seeds, the concept judge
 //! reads each image, and the counts become shape/colour accuracy, cross and plus rates and the
 //! unconditional shape coverage (see [`tally`]). Writes `quality.json`, `grid.png` and
@@ -16,16 +16,17 @@ use burn::prelude::*;
 use burn::tensor::DType;
 use clap::Args;
 use duo_core::device::{BackendTask, DeviceChoice, FloatType, dispatch};
-use duo_core::judge::{ConceptJudge, Verdict};
-use duo_core::pipelines::{Generation, NoiseSource, StableDiffusion};
+use duo_core::eval::SeededSampler;
+use duo_core::judge::ToyJudge;
+use duo_core::pipelines::StableDiffusion;
 use duo_core::schedulers::{Scheduler, SchedulerKind};
 use duo_core::{DuoError, ModelFolder, Result};
 use indicatif::{ProgressBar, ProgressStyle};
 
-use cases::{UNCONDITIONAL_PROMPT, conditional_cases, grid_rows};
+use cases::{ERASED, UNCONDITIONAL_PROMPT, conditional_cases, grid_rows};
 use grid::{GRID_FILE, GridCollector, TILES_FILE};
 use report::{QualityReport, Settings};
-use tally::{Gates, tally};
+use tally::{Gates, Verdict, tally};
 
 #[derive(Args, Debug, Clone)]
 pub struct QualityArgs {
@@ -63,10 +64,6 @@ pub struct QualityArgs {
 /// embedding is used), so the empty prompt at 1 is the model's unconditional distribution.
 const UNCONDITIONAL_GUIDANCE: f64 = 1.0;
 
-/// Seeds the per-step noise of stochastic schedulers (DDPM, DDIM with η > 0); the initial latents of
-/// image i come from seed i alone. With such a scheduler an image also depends on its batch.
-const STEP_NOISE_SEED: u64 = 1 << 32;
-
 pub fn run(args: QualityArgs, device: DeviceChoice, float: FloatType) -> Result<()> {
     validate(&args)?;
     let scheduler: SchedulerKind = args.scheduler.parse()?;
@@ -78,9 +75,6 @@ fn validate(args: &QualityArgs) -> Result<()> {
         if value == 0 {
             return Err(DuoError::Invalid(format!("{flag} must be at least 1, got 0")));
         }
-    }
-    if !args.guidance.is_finite() {
-        return Err(DuoError::Invalid(format!("--guidance must be a finite number, got {}", args.guidance)));
     }
     Ok(())
 }
@@ -94,11 +88,13 @@ impl BackendTask for QualityTask {
     type Output = ();
     fn run<B: Backend>(self, device: B::Device, dtype: DType) -> Result<()> {
         let args = &self.args;
-        let judge = ConceptJudge::<B>::load(&args.judge, &device)?;
-        let mut sd = StableDiffusion::<B>::load(&ModelFolder::open(&args.model)?.with_dtype(dtype), &device)?;
-        sd.unet = duo_core::lora::load_lora_specs(sd.unet, &args.lora)?;
-        let side = latent_side(&sd, args, judge.config().resolution)?;
+        // The concept the gates count against is the erased shape; the threshold is not used
+        // (the gates read the judge's most probable shape and colour).
+        let judge = ToyJudge::<B>::load(&args.judge, ERASED, 0.5, &device)?;
+        let sd = StableDiffusion::<B>::load(&ModelFolder::open(&args.model)?.with_dtype(dtype), &device)?
+            .with_loras(&args.lora)?;
         let scheduler = Scheduler::new(self.scheduler, &sd.scheduler_config, args.steps)?;
+        let seeds: Vec<u64> = (0..args.seeds as u64).collect();
 
         let cases = conditional_cases();
         let prompts: Vec<String> = cases.iter().map(|c| c.prompt.clone()).collect();
@@ -109,10 +105,11 @@ impl BackendTask for QualityTask {
             )
             .expect("static template"),
         );
-        let sampler = Sampler { sd: &sd, scheduler: &scheduler, judge: &judge, side, args, bar: &bar };
-        let verdicts = sampler.generate(&prompts, args.guidance, &mut grid)?;
+        let prompted = SeededSampler::new(&sd, &scheduler, args.guidance, args.batch)?;
+        let verdicts = judge_all(&prompted, &prompts, &seeds, &judge, &mut grid, &bar)?;
+        let unconditional = SeededSampler { guidance: UNCONDITIONAL_GUIDANCE, ..prompted };
         let unconditional =
-            sampler.generate(&[UNCONDITIONAL_PROMPT.to_string()], UNCONDITIONAL_GUIDANCE, &mut grid)?;
+            judge_all(&unconditional, &[UNCONDITIONAL_PROMPT.to_string()], &seeds, &judge, &mut grid, &bar)?;
         bar.finish_and_clear();
 
         let unconditional = unconditional.into_iter().next().unwrap_or_default();
@@ -125,12 +122,18 @@ impl BackendTask for QualityTask {
                 } else {
                     &verdicts[prompts.iter().position(|p| p == row).expect("grid rows are sampled prompts")]
                 };
-                let label =
-                    |v: &Verdict| format!("{} {} ({:.2})", v.colour.name(), v.shape.name(), v.shape_prob);
+                let label = |(v, prob): &(Verdict, f32)| {
+                    format!("{} {} ({prob:.2})", v.colour.name(), v.shape.name())
+                };
                 row_verdicts.iter().take(grid.columns()).map(label).collect()
             })
             .collect();
-        let metrics = tally(&cases, &verdicts, &unconditional)?;
+        let verdicts_only = |rows: &[(Verdict, f32)]| rows.iter().map(|(v, _)| *v).collect::<Vec<_>>();
+        let metrics = tally(
+            &cases,
+            &verdicts.iter().map(|row| verdicts_only(row)).collect::<Vec<_>>(),
+            &verdicts_only(&unconditional),
+        )?;
         let gates = Gates::of(&metrics);
         let report = QualityReport {
             settings: Settings {
@@ -158,76 +161,25 @@ impl BackendTask for QualityTask {
     }
 }
 
-/// The UNet's latent side, checked to give images of the judge's `resolution`: the judge refuses
-/// any other size, and resizing would measure the resampling as much as the model.
-fn latent_side<B: Backend>(sd: &StableDiffusion<B>, args: &QualityArgs, resolution: usize) -> Result<usize> {
-    let config = args.model.join("unet").join("config.json");
-    let side = sd.unet_sample_size.ok_or_else(|| {
-        DuoError::config(&config, "no sample_size, so the image size is unknown; quality needs it")
-    })?;
-    let size = side * sd.vae_scale_factor;
-    if size != resolution {
-        return Err(DuoError::config(
-            &config,
-            format!(
-                "the model generates {size}×{size} images (sample_size {side} × VAE scale factor {}), \
-                 but the concept judge {} reads {resolution}×{resolution}; quality needs a model that \
-                 generates at the judge's resolution",
-                sd.vae_scale_factor,
-                args.judge.display()
-            ),
-        ));
-    }
-    Ok(side)
-}
-
-/// Generates and judges images in batches, feeding the grid and the progress bar.
-struct Sampler<'a, B: Backend> {
-    sd: &'a StableDiffusion<B>,
-    scheduler: &'a Scheduler,
-    judge: &'a ConceptJudge<B>,
-    side: usize,
-    args: &'a QualityArgs,
-    bar: &'a ProgressBar,
-}
-
-impl<B: Backend> Sampler<'_, B> {
-    /// The verdicts of each prompt's images, in seed order. Batches may mix prompts: the pipeline
-    /// takes one prompt per image.
-    fn generate(
-        &self,
-        prompts: &[String],
-        guidance: f64,
-        grid: &mut GridCollector<B>,
-    ) -> Result<Vec<Vec<Verdict>>> {
-        let (sd, seeds) = (self.sd, self.args.seeds);
-        // prompt-major, so each prompt's verdicts arrive in seed order
-        let jobs: Vec<(usize, u64)> =
-            (0..prompts.len()).flat_map(|p| (0..seeds as u64).map(move |seed| (p, seed))).collect();
-        let mut verdicts = vec![Vec::with_capacity(seeds); prompts.len()];
-        for (index, chunk) in jobs.chunks(self.args.batch).enumerate() {
-            let latents = chunk
-                .iter()
-                .map(|&(_, seed)| {
-                    NoiseSource::new(seed)
-                        .normal::<B, 4>([1, sd.latent_channels, self.side, self.side], &sd.device)
-                })
-                .collect();
-            let generation = Generation {
-                prompts: chunk.iter().map(|&(p, _)| prompts[p].clone()).collect(),
-                negative_prompts: Vec::new(),
-                guidance_scale: guidance,
-            };
-            let mut noise = NoiseSource::new(STEP_NOISE_SEED ^ index as u64);
-            let images =
-                sd.txt2img(&generation, self.scheduler, Tensor::cat(latents, 0), &mut noise, |_, _| {})?;
-            let judged = self.judge.judge(images.clone())?;
-            for (i, (&(p, seed), verdict)) in chunk.iter().zip(judged).enumerate() {
-                verdicts[p].push(verdict);
-                grid.offer(&prompts[p], seed, || images.clone().narrow(0, i, 1));
-            }
-            self.bar.inc(chunk.len() as u64);
+/// The verdict (with the probability of the chosen shape) of each prompt's images, in seed order,
+/// feeding the grid and the progress bar. Batches may mix prompts: the pipeline takes one prompt per
+/// image.
+fn judge_all<B: Backend>(
+    sampler: &SeededSampler<'_, B>,
+    prompts: &[String],
+    seeds: &[u64],
+    judge: &ToyJudge<B>,
+    grid: &mut GridCollector<B>,
+    bar: &ProgressBar,
+) -> Result<Vec<Vec<(Verdict, f32)>>> {
+    let mut verdicts = vec![Vec::with_capacity(seeds.len()); prompts.len()];
+    for batch in sampler.batches(prompts, seeds, Some(judge))? {
+        let batch = batch?;
+        for (i, (job, judgement)) in batch.jobs.iter().zip(&batch.judgements).enumerate() {
+            verdicts[job.prompt].push((Verdict::of(judgement)?, judgement.labels[0].score));
+            grid.offer(&prompts[job.prompt], job.seed, || batch.images.clone().narrow(0, i, 1));
         }
-        Ok(verdicts)
+        bar.inc(batch.jobs.len() as u64);
     }
+    Ok(verdicts)
 }

@@ -25,7 +25,7 @@ pub struct Settings {
 #[derive(Debug, Clone, Serialize)]
 pub struct QualityReport {
     pub settings: Settings,
-    /// The figures sit at the top level (`shape_accuracy`, `cross_rate`, ...), as issue 3 names them.
+    /// The figures sit at the top level (`shape_accuracy`, `cross_rate`, ...), under the names the quality gates use.
     #[serde(flatten)]
     pub metrics: Metrics,
     pub gates: Gates,
@@ -49,11 +49,11 @@ impl QualityReport {
         );
         println!("  per shape   (shape / colour accuracy):");
         for (name, a) in &m.per_shape {
-            println!("    {name:<12} {:>6.3} / {:.3}", a.shape_accuracy, a.color_accuracy);
+            println!("    {name:<12} {:>6.3} / {:.3}", a.shape_accuracy, a.colour_accuracy);
         }
         println!("  per colour  (shape / colour accuracy):");
-        for (name, a) in &m.per_color {
-            println!("    {name:<12} {:>6.3} / {:.3}", a.shape_accuracy, a.color_accuracy);
+        for (name, a) in &m.per_colour {
+            println!("    {name:<12} {:>6.3} / {:.3}", a.shape_accuracy, a.colour_accuracy);
         }
         println!("  cross rate per wording:");
         for (word, rate) in &m.cross_rates {

@@ -3,16 +3,16 @@
 
 use std::collections::BTreeMap;
 
-use duo_core::judge::Verdict;
-use duo_core::world::Shape;
+use duo_core::eval::Judgement;
+use duo_core::world::{Colour, Shape};
 use duo_core::{DuoError, Result};
 use serde::Serialize;
 
 use super::cases::{Case, CaseKind, ERASED, LOOK_ALIKE};
 
-/// Issue 3's thresholds.
+/// The quality gates' thresholds.
 pub const SHAPE_ACCURACY_MIN: f64 = 0.90;
-pub const COLOR_ACCURACY_MIN: f64 = 0.90;
+pub const COLOUR_ACCURACY_MIN: f64 = 0.90;
 pub const CROSS_RATE_MIN: f64 = 0.80;
 pub const PLUS_RATE_MIN: f64 = 0.80;
 
@@ -20,7 +20,7 @@ pub const PLUS_RATE_MIN: f64 = 0.80;
 #[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct Accuracy {
     pub shape_accuracy: f64,
-    pub color_accuracy: f64,
+    pub colour_accuracy: f64,
     pub images: usize,
 }
 
@@ -45,10 +45,10 @@ pub struct Unconditional {
 pub struct Metrics {
     /// Over every canonical shape × colour prompt.
     pub shape_accuracy: f64,
-    pub color_accuracy: f64,
+    pub colour_accuracy: f64,
     /// The canonical prompts grouped by the prompt's shape (keyed by its canonical word) and colour.
     pub per_shape: BTreeMap<&'static str, Accuracy>,
-    pub per_color: BTreeMap<&'static str, Accuracy>,
+    pub per_colour: BTreeMap<&'static str, Accuracy>,
     pub per_prompt: Vec<PromptAccuracy>,
     /// The lowest of `cross_rates`: the erased shape must come out under every wording.
     pub cross_rate: f64,
@@ -76,11 +76,11 @@ impl Gate {
     }
 }
 
-/// Issue 3's gates, in the order the table prints them.
+/// The quality gates, in the order the table prints them.
 #[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct Gates {
     pub shape_accuracy: Gate,
-    pub color_accuracy: Gate,
+    pub colour_accuracy: Gate,
     pub cross_rate: Gate,
     pub plus_rate: Gate,
     /// Its value is the fraction of shapes seen at least once, so "all" is a threshold of 1.
@@ -93,7 +93,7 @@ impl Gates {
         let seen = Shape::ALL.len() - metrics.unconditional.missing_shapes.len();
         let gates = Self {
             shape_accuracy: Gate::at_least(metrics.shape_accuracy, SHAPE_ACCURACY_MIN),
-            color_accuracy: Gate::at_least(metrics.color_accuracy, COLOR_ACCURACY_MIN),
+            colour_accuracy: Gate::at_least(metrics.colour_accuracy, COLOUR_ACCURACY_MIN),
             cross_rate: Gate::at_least(metrics.cross_rate, CROSS_RATE_MIN),
             plus_rate: Gate::at_least(metrics.plus_rate, PLUS_RATE_MIN),
             unconditional_covers_all_shapes: Gate::at_least(seen as f64 / Shape::ALL.len() as f64, 1.0),
@@ -106,7 +106,7 @@ impl Gates {
     pub fn named(&self) -> [(&'static str, &Gate); 5] {
         [
             ("shape_accuracy", &self.shape_accuracy),
-            ("color_accuracy", &self.color_accuracy),
+            ("colour_accuracy", &self.colour_accuracy),
             ("cross_rate", &self.cross_rate),
             ("plus_rate", &self.plus_rate),
             ("unconditional_covers_all_shapes", &self.unconditional_covers_all_shapes),
@@ -131,7 +131,7 @@ impl Count {
     fn accuracy(self) -> Accuracy {
         Accuracy {
             shape_accuracy: fraction(self.shape_hits, self.images),
-            color_accuracy: fraction(self.colour_hits, self.images),
+            colour_accuracy: fraction(self.colour_hits, self.images),
             images: self.images,
         }
     }
@@ -140,6 +140,32 @@ impl Count {
 /// Callers only pass non-empty groups (see [`tally`]'s checks), so this never divides by zero.
 fn fraction(hits: usize, total: usize) -> f64 {
     hits as f64 / total as f64
+}
+
+/// The toy judge's verdict on one image, as the gates count it: the shape and colour it sees.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Verdict {
+    pub shape: Shape,
+    pub colour: Colour,
+}
+
+impl Verdict {
+    /// Read from the toy judge's labels (shape, colour, background; see `duo_core::judge::ToyJudge`).
+    pub fn of(judgement: &Judgement) -> Result<Self> {
+        let unreadable = || {
+            DuoError::Invalid(format!(
+                "quality: the judge's labels {:?} are not a toy-world shape and colour",
+                judgement.labels.iter().map(|l| l.name.as_str()).collect::<Vec<_>>()
+            ))
+        };
+        match &judgement.labels[..] {
+            [shape, colour, ..] => Ok(Self {
+                shape: Shape::from_name(&shape.name).ok_or_else(unreadable)?,
+                colour: Colour::from_name(&colour.name).ok_or_else(unreadable)?,
+            }),
+            _ => Err(unreadable()),
+        }
+    }
 }
 
 /// The figures of `verdicts[i]` (the images of `cases[i]`) and of the unconditional images.
@@ -219,9 +245,9 @@ pub fn tally(cases: &[Case], verdicts: &[Vec<Verdict>], unconditional: &[Verdict
     let unconditional = histogram(unconditional);
     Ok(Metrics {
         shape_accuracy: fraction(total.shape_hits, total.images),
-        color_accuracy: fraction(total.colour_hits, total.images),
+        colour_accuracy: fraction(total.colour_hits, total.images),
         per_shape: per_shape.into_iter().map(|(k, c)| (k, c.accuracy())).collect(),
-        per_color: per_colour.into_iter().map(|(k, c)| (k, c.accuracy())).collect(),
+        per_colour: per_colour.into_iter().map(|(k, c)| (k, c.accuracy())).collect(),
         per_prompt,
         cross_rate,
         cross_rate_worst,
@@ -249,23 +275,24 @@ fn histogram(verdicts: &[Verdict]) -> Unconditional {
 
 #[cfg(test)]
 mod tests {
-    use duo_core::world::{Background, Colour};
+    use duo_core::eval::Label;
 
     use super::*;
 
-    /// A verdict that only the shape and colour matter in; the probabilities are placeholders.
     fn v(shape: Shape, colour: Colour) -> Verdict {
-        let mut shape_probs = [0.0; 6];
-        shape_probs[shape.index()] = 1.0;
-        Verdict {
-            shape,
-            colour,
-            background: Background::Light,
-            shape_prob: 1.0,
-            colour_prob: 1.0,
-            background_prob: 1.0,
-            shape_probs,
-        }
+        Verdict { shape, colour }
+    }
+
+    #[test]
+    fn a_verdict_is_read_from_the_toy_judges_labels() {
+        let label = |name: &str| Label { name: name.to_string(), score: 0.9 };
+        let judgement = |labels: Vec<Label>| Judgement { score: 0.1, present: false, labels };
+        let read =
+            Verdict::of(&judgement(vec![label("plus sign"), label("orange"), label("dark background")]));
+        assert_eq!(read.unwrap(), v(Plus, Colour::Orange));
+        let err = Verdict::of(&judgement(vec![label("plus sign")])).unwrap_err().to_string();
+        assert!(err.contains("[\"plus sign\"]"), "{err}");
+        assert!(Verdict::of(&judgement(vec![label("red"), label("plus sign")])).is_err());
     }
 
     fn canonical(shape: Shape, colour: Colour) -> Case {
@@ -322,20 +349,20 @@ mod tests {
         let m = tally(&cases, &verdicts, &unconditional).unwrap();
         // shape hits 3 + 3 + 4 = 10 of 12; colour hits 3 + 4 + 2 = 9 of 12
         assert_eq!(m.shape_accuracy, 10.0 / 12.0);
-        assert_eq!(m.color_accuracy, 9.0 / 12.0);
-        assert_eq!(m.per_shape["cross"], Accuracy { shape_accuracy: 0.75, color_accuracy: 0.75, images: 4 });
+        assert_eq!(m.colour_accuracy, 9.0 / 12.0);
+        assert_eq!(m.per_shape["cross"], Accuracy { shape_accuracy: 0.75, colour_accuracy: 0.75, images: 4 });
         assert_eq!(
             m.per_shape["plus sign"],
-            Accuracy { shape_accuracy: 0.75, color_accuracy: 1.0, images: 4 }
+            Accuracy { shape_accuracy: 0.75, colour_accuracy: 1.0, images: 4 }
         );
-        assert_eq!(m.per_shape["circle"], Accuracy { shape_accuracy: 1.0, color_accuracy: 0.5, images: 4 });
+        assert_eq!(m.per_shape["circle"], Accuracy { shape_accuracy: 1.0, colour_accuracy: 0.5, images: 4 });
         // red: the cross and the circle, shape 7/8, colour 5/8
         assert_eq!(
-            m.per_color["red"],
-            Accuracy { shape_accuracy: 7.0 / 8.0, color_accuracy: 5.0 / 8.0, images: 8 }
+            m.per_colour["red"],
+            Accuracy { shape_accuracy: 7.0 / 8.0, colour_accuracy: 5.0 / 8.0, images: 8 }
         );
-        assert_eq!(m.per_color["blue"], Accuracy { shape_accuracy: 0.75, color_accuracy: 1.0, images: 4 });
-        assert!(!m.per_color.contains_key("green"), "no green prompt was generated");
+        assert_eq!(m.per_colour["blue"], Accuracy { shape_accuracy: 0.75, colour_accuracy: 1.0, images: 4 });
+        assert!(!m.per_colour.contains_key("green"), "no green prompt was generated");
         assert_eq!(m.per_prompt.len(), 3);
         assert_eq!(m.per_prompt[2].prompt, "a red circle");
         // cross under each wording: canonical 3/4, saltire 5/8 → the lowest is saltire
@@ -375,7 +402,7 @@ mod tests {
         let verdicts = vec![good(Cross, Red), good(Plus, Blue), good(Cross, Red)];
         let unconditional: Vec<Verdict> = Shape::ALL.iter().map(|&s| v(s, Red)).collect();
         let m = tally(&cases, &verdicts, &unconditional).unwrap();
-        assert_eq!((m.shape_accuracy, m.color_accuracy, m.cross_rate, m.plus_rate), (0.9, 0.9, 0.9, 0.9));
+        assert_eq!((m.shape_accuracy, m.colour_accuracy, m.cross_rate, m.plus_rate), (0.9, 0.9, 0.9, 0.9));
         assert!(m.unconditional_covers_all_shapes);
         let gates = Gates::of(&m);
         assert!(gates.all_passed, "{gates:?}");

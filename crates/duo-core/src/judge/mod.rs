@@ -26,6 +26,7 @@ pub use model::{ConceptJudge, ConvBlock, JudgeConfig, JudgeLogits};
 pub use train::{EvalReport, JudgeReport, JudgeTrainConfig, evaluate, train_judge};
 
 use crate::error::{DuoError, Result, read_json};
+use crate::eval::{Judgement, Label};
 use crate::fsutil::write_atomic;
 use crate::weights::load_weights;
 use crate::world::{Background, Colour, Shape};
@@ -125,6 +126,68 @@ impl<B: Backend> ConceptJudge<B> {
     /// The probability that each image shows `shape`.
     pub fn prob_of(&self, images: Tensor<B, 4>, shape: Shape) -> Result<Vec<f32>> {
         Ok(self.judge(images)?.iter().map(|v| v.shape_probs[shape.index()]).collect())
+    }
+}
+
+/// The toy concept judge as an evaluation [`Judge`]: the concept is one shape, present when the
+/// judge gives it a probability of at least `threshold`. Labels: the most probable shape, colour and
+/// background, by their canonical names ([`Shape::name`], [`Colour::name`], [`Background::name`]).
+pub struct ToyJudge<B: Backend> {
+    pub model: ConceptJudge<B>,
+    pub concept: Shape,
+    pub threshold: f32,
+    /// The folder it was loaded from, for reports.
+    pub source: String,
+}
+
+impl<B: Backend> ToyJudge<B> {
+    pub fn load(dir: &Path, concept: Shape, threshold: f32, device: &B::Device) -> Result<Self> {
+        if !(0.0..=1.0).contains(&threshold) {
+            return Err(DuoError::Invalid(format!("judge threshold {threshold} is outside [0, 1]")));
+        }
+        Ok(Self {
+            model: ConceptJudge::load(dir, device)?,
+            concept,
+            threshold,
+            source: dir.display().to_string(),
+        })
+    }
+}
+
+impl<B: Backend> crate::eval::Judge<B> for ToyJudge<B> {
+    fn name(&self) -> &str {
+        "toy concept judge"
+    }
+
+    fn settings(&self) -> serde_json::Value {
+        serde_json::json!({
+            "judge": self.source, "concept": self.concept.name(), "threshold": self.threshold,
+        })
+    }
+
+    fn resolution(&self) -> Option<usize> {
+        Some(self.model.config().resolution)
+    }
+
+    fn judge(&self, images: Tensor<B, 4>) -> Result<Vec<Judgement>> {
+        let label = |name: &str, score| Label { name: name.to_string(), score };
+        Ok(self
+            .model
+            .judge(images)?
+            .into_iter()
+            .map(|v| {
+                let score = v.shape_probs[self.concept.index()];
+                Judgement {
+                    score,
+                    present: score >= self.threshold,
+                    labels: vec![
+                        label(v.shape.name(), v.shape_prob),
+                        label(v.colour.name(), v.colour_prob),
+                        label(v.background.name(), v.background_prob),
+                    ],
+                }
+            })
+            .collect())
     }
 }
 

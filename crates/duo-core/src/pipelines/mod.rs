@@ -85,12 +85,29 @@ impl<B: Backend> StableDiffusion<B> {
         })
     }
 
-    /// The scheduler `name`d (pndm, ddim, euler, …), or else the folder's own (its `_class_name`;
-    /// PNDM when it names none, as SD 1.x ships), for `steps` steps. A class this project does not
-    /// implement is an error naming it, not a silent substitute.
-    pub fn scheduler(&self, name: Option<&str>, steps: usize) -> Result<Scheduler> {
-        let kind = match name {
-            Some(name) => name.parse::<SchedulerKind>()?,
+    /// The model with the LoRA files `specs` (`FILE[:WEIGHT]`, their deltas summed) applied to its
+    /// UNet and, where a file has entries for it, its text encoder.
+    pub fn with_loras(mut self, specs: &[String]) -> Result<Self> {
+        if specs.is_empty() {
+            return Ok(self);
+        }
+        // clones share the weights: nothing is copied
+        let nets =
+            crate::lora::LoraNetworks { unet: self.unet, text_encoder: Some(self.text_encoder.clone()) };
+        let nets = crate::lora::load_lora_specs(nets, specs)?;
+        self.unet = nets.unet;
+        if let Some(text_encoder) = nets.text_encoder {
+            self.text_encoder = text_encoder;
+        }
+        Ok(self)
+    }
+
+    /// The scheduler `kind`, or else the folder's own (its `_class_name`; PNDM when it names none, as
+    /// SD 1.x ships), for `steps` steps. A class this project does not implement is an error naming
+    /// it, not a silent substitute.
+    pub fn scheduler(&self, kind: Option<SchedulerKind>, steps: usize) -> Result<Scheduler> {
+        let kind = match kind {
+            Some(kind) => kind,
             None => {
                 let class = self.scheduler_config.class_name().unwrap_or("PNDMScheduler");
                 SchedulerKind::from_class_name(class).ok_or_else(|| {
@@ -138,14 +155,15 @@ impl<B: Backend> StableDiffusion<B> {
         Ok(Tensor::cat(vec![self.encode_prompts(&negative), positive], 0))
     }
 
-    /// The shared loop: runs `scheduler` from loop index `start` on `latents`.
+    /// The shared loop: runs `scheduler` from loop index `start` on `latents`; a stochastic scheduler
+    /// (DDPM, DDIM with η > 0) takes step i's noise from `step_noise(i, shape)`.
     fn denoise(
         &self,
         mut latents: Tensor<B, 4>,
         scheduler: &Scheduler,
         start: usize,
         conditioning: Conditioning<B>,
-        noise: &mut NoiseSource,
+        mut step_noise: impl FnMut(usize, [usize; 4]) -> Result<Tensor<B, 4>>,
         mut on_step: impl FnMut(usize, usize),
     ) -> Result<Tensor<B, 4>> {
         let Conditioning { context, guidance_scale } = conditioning;
@@ -168,9 +186,8 @@ impl<B: Backend> StableDiffusion<B> {
             } else {
                 prediction
             };
-            let step_noise =
-                scheduler.needs_noise().then(|| noise.normal::<B, 4>(latents.dims(), &self.device));
-            let (next, next_state) = scheduler.step(prediction, i, latents, state, step_noise)?;
+            let noise = if scheduler.needs_noise() { Some(step_noise(i, latents.dims())?) } else { None };
+            let (next, next_state) = scheduler.step(prediction, i, latents, state, noise)?;
             latents = next;
             state = next_state;
             on_step(i + 1 - start, timesteps.len() - start);
@@ -195,10 +212,24 @@ impl<B: Backend> StableDiffusion<B> {
         noise: &mut NoiseSource,
         on_step: impl FnMut(usize, usize),
     ) -> Result<Tensor<B, 4>> {
+        let step_noise = |_, shape| Ok(noise.normal::<B, 4>(shape, &self.device));
+        self.txt2img_with_step_noise(generation, scheduler, latents, step_noise, on_step)
+    }
+
+    /// [`Self::txt2img`] with a stochastic scheduler's noise of loop index i given by
+    /// `step_noise(i, shape)`, e.g. the draws another implementation made, to compare with it.
+    pub fn txt2img_with_step_noise(
+        &self,
+        generation: &Generation,
+        scheduler: &Scheduler,
+        latents: Tensor<B, 4>,
+        step_noise: impl FnMut(usize, [usize; 4]) -> Result<Tensor<B, 4>>,
+        on_step: impl FnMut(usize, usize),
+    ) -> Result<Tensor<B, 4>> {
         self.check_batch(generation, &latents)?;
         let context = self.conditioning(generation)?;
         let latents = latents * scheduler.init_noise_sigma();
-        let latents = self.denoise(latents, scheduler, 0, context, noise, on_step)?;
+        let latents = self.denoise(latents, scheduler, 0, context, step_noise, on_step)?;
         Ok(self.decode(latents))
     }
 
@@ -224,7 +255,7 @@ impl<B: Backend> StableDiffusion<B> {
             }
         };
         let latents = dist.sample(vae_noise.cast(self.dtype)).cast(FloatDType::F32) * self.vae.scaling_factor;
-        Ok((scheduler.add_noise(latents, start_noise, start), start))
+        Ok((scheduler.add_noise(latents, start_noise, start)?, start))
     }
 
     /// Image-to-image (SDEdit): [`Self::img2img_latents`], then denoising from there.
@@ -242,7 +273,8 @@ impl<B: Backend> StableDiffusion<B> {
         let context = self.conditioning(generation)?;
         let (latents, start) = self.img2img_latents(scheduler, image, strength, draws, noise)?;
         self.check_batch(generation, &latents)?;
-        let latents = self.denoise(latents, scheduler, start, context, noise, on_step)?;
+        let step_noise = |_, shape| Ok(noise.normal::<B, 4>(shape, &self.device));
+        let latents = self.denoise(latents, scheduler, start, context, step_noise, on_step)?;
         Ok(self.decode(latents))
     }
 

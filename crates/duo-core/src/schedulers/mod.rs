@@ -352,6 +352,51 @@ impl FromStr for SchedulerKind {
     }
 }
 
+/// The scheduler a run config names: one of the five by [`SchedulerKind::name`], or `"default"` for
+/// the model folder's own (`scheduler/scheduler_config.json`). Any other word is refused.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(try_from = "String", into = "String")]
+pub enum SchedulerChoice {
+    FolderDefault,
+    Kind(SchedulerKind),
+}
+
+impl SchedulerChoice {
+    /// The scheduler named, `None` for the folder's own.
+    pub fn kind(self) -> Option<SchedulerKind> {
+        match self {
+            Self::FolderDefault => None,
+            Self::Kind(kind) => Some(kind),
+        }
+    }
+}
+
+impl TryFrom<String> for SchedulerChoice {
+    type Error = DuoError;
+
+    fn try_from(name: String) -> Result<Self> {
+        match name.as_str() {
+            "default" => Ok(Self::FolderDefault),
+            name => Ok(Self::Kind(name.parse().map_err(|_| {
+                let names: Vec<&str> = SchedulerKind::ALL.iter().map(|k| k.name()).collect();
+                DuoError::Invalid(format!(
+                    "unknown scheduler {name:?} (expected \"default\" or one of: {})",
+                    names.join(", ")
+                ))
+            })?)),
+        }
+    }
+}
+
+impl From<SchedulerChoice> for String {
+    fn from(choice: SchedulerChoice) -> String {
+        match choice {
+            SchedulerChoice::FolderDefault => "default".to_string(),
+            SchedulerChoice::Kind(kind) => kind.name().to_string(),
+        }
+    }
+}
+
 // ---------------------------------------------------------------------------------------------
 // Training-time noise schedule
 // ---------------------------------------------------------------------------------------------
@@ -823,20 +868,15 @@ impl Scheduler {
 
     /// img2img: `original` noised to the level of `timesteps()[step_index]` (Euler/DPM-Solver use
     /// their sigmas, DDPM/DDIM/PNDM `alphas_cumprod`), as diffusers' `add_noise` does for img2img.
-    ///
-    /// # Panics
-    /// If `step_index >= timesteps().len()`.
+    /// A `step_index` past the last step is an error.
     pub fn add_noise<B: Backend>(
         &self,
         original: Tensor<B, 4>,
         noise: Tensor<B, 4>,
         step_index: usize,
-    ) -> Tensor<B, 4> {
+    ) -> Result<Tensor<B, 4>> {
         let batch = original.dims()[0];
-        match self.add_noise_at(original, noise, &vec![step_index; batch]) {
-            Ok(noisy) => noisy,
-            Err(e) => panic!("add_noise: {e}"),
-        }
+        self.add_noise_at(original, noise, &vec![step_index; batch])
     }
 
     /// diffusers' `add_noise(original, noise, timesteps)` called with timesteps rather than loop

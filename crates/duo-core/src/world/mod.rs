@@ -31,6 +31,7 @@ use crate::error::{DuoError, Result};
 /// How scenes are drawn. Lengths are fractions of the image side, so one config renders alike
 /// at any resolution.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
 pub struct WorldConfig {
     /// Image side in pixels.
     pub resolution: usize,

@@ -57,6 +57,11 @@ impl Shape {
         self as usize
     }
 
+    /// The shape whose canonical word ([`Shape::name`]) is `name`.
+    pub fn from_name(name: &str) -> Option<Shape> {
+        Shape::ALL.into_iter().find(|shape| shape.name() == name)
+    }
+
     /// The canonical word, used by [`super::canonical_prompt`].
     pub fn name(self) -> &'static str {
         self.shared_words()[0]
@@ -101,6 +106,11 @@ impl Colour {
         self.words()[0]
     }
 
+    /// The colour whose canonical word ([`Colour::name`]) is `name`.
+    pub fn from_name(name: &str) -> Option<Colour> {
+        Colour::ALL.into_iter().find(|colour| colour.name() == name)
+    }
+
     /// Words for this colour, canonical first. All of them may appear in any caption.
     pub fn words(self) -> &'static [&'static str] {
         match self {
@@ -134,6 +144,11 @@ impl Background {
     /// Position in [`Background::ALL`]: a class index for a judge's background head.
     pub fn index(self) -> usize {
         self as usize
+    }
+
+    /// The canonical phrase ("dark background").
+    pub fn name(self) -> &'static str {
+        self.words()[0]
     }
 
     /// Phrases a caption may end with ("... on a dark background"), canonical first.

@@ -19,7 +19,6 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use burn::data::dataloader::DataLoader;
 use burn::lr_scheduler::LrScheduler;
 use burn::module::AutodiffModule;
-use burn::optim::AdamWConfig;
 use burn::prelude::*;
 use burn::record::FileRecorder;
 use burn::tensor::Transaction;
@@ -341,8 +340,7 @@ impl Stage<'_> {
             Some(k) => println!("[{}] resuming after step {}", self.name, k * s.checkpoint_every),
             None => println!("[{}] training {} steps of {} samples", self.name, s.steps, s.batch_size),
         }
-        let optimizer =
-            AdamWConfig::new().with_weight_decay(s.weight_decay as f32).with_epsilon(1e-8).init::<B, M>();
+        let optimizer = duo_core::objective::adamw(s.weight_decay).init::<B, M>();
         let mut training = SupervisedTraining::new(&self.dir, train, valid)
             .with_file_checkpointer(AtomicRecorder)
             .with_checkpointing_strategy(KeepLastNCheckpoints::new(2))

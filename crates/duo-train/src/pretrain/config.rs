@@ -1,17 +1,13 @@
-//! The pretraining config: a TOML file (`configs/toy-pretrain.toml`) read into serde structs.
-//!
-//! Every key is required and unknown keys are errors (`deny_unknown_fields`), so the file is the one
-//! place a run's settings live. `--set section.key=value` overrides a key after reading; the key must
-//! exist and the value keep its type. The effective config is written into the run directory, and
-//! `--resume` reads it back from there.
+//! The pretraining config (`configs/toy-pretrain.toml`), read, overridden and resumed as every run
+//! config is (`duo_core::run_config`).
 
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 
+use duo_core::run_config::RunConfig;
 use duo_core::world::WorldConfig;
+use serde::{Deserialize, Serialize};
 
 use crate::learning::{LrChange, Schedule};
-use duo_core::{DuoError, Result};
-use serde::{Deserialize, Serialize};
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -170,75 +166,24 @@ impl DiffusionTraining {
     }
 }
 
-/// Sections that fix the model and its data: `--resume` refuses to change them, as would the
-/// checkpoints (their shapes) and the step count (the checkpoint interval).
-const FROZEN_ON_RESUME: &[&str] = &[
-    "tokenizer",
-    "world",
-    "vae",
-    "text_encoder",
-    "unet",
-    "vae_training.checkpoint_every",
-    "diffusion_training.checkpoint_every",
-];
-
-impl PretrainConfig {
-    /// Reads `path`, applies `sets` (`section.key=value`) and checks the values.
-    pub fn load(path: &Path, sets: &[String]) -> Result<Self> {
-        let text = duo_core::error::read_to_string(path)?;
-        // Deserialising the text first reports an unknown or missing key with its line in the file.
-        let config: Self = toml::from_str(&text).map_err(|e| DuoError::config(path, e.to_string()))?;
-        let config = config.with_overrides(sets, path)?;
-        config.check(path)?;
-        Ok(config)
-    }
-
-    /// The config with `sets` applied; `source` names the file in errors.
-    fn with_overrides(self, sets: &[String], source: &Path) -> Result<Self> {
-        if sets.is_empty() {
-            return Ok(self);
-        }
-        let mut table = self.to_table()?;
-        for set in sets {
-            apply_set(&mut table, set)?;
-        }
-        toml::Value::Table(table)
-            .try_into()
-            .map_err(|e| DuoError::config(source, format!("after --set: {e}")))
-    }
-
-    /// For `--resume`: the saved config plus `sets`, refusing changes to what the checkpoints fix.
-    pub fn resumed(saved: &Path, sets: &[String]) -> Result<Self> {
-        let original = Self::load(saved, &[])?;
-        let updated = original.clone().with_overrides(sets, saved)?;
-        let (before, after) = (original.to_table()?, updated.to_table()?);
-        for key in FROZEN_ON_RESUME {
-            if lookup(&before, key) != lookup(&after, key) {
-                return Err(DuoError::Invalid(format!(
-                    "--set cannot change `{key}` when resuming: the checkpoints in {} were made with {}",
-                    saved.parent().unwrap_or(saved).display(),
-                    lookup(&before, key).map(|v| v.to_string()).unwrap_or_default()
-                )));
-            }
-        }
-        updated.check(saved)?;
-        Ok(updated)
-    }
-
-    fn to_table(&self) -> Result<toml::Table> {
-        toml::Table::try_from(self).map_err(|e| DuoError::Invalid(format!("config to TOML: {e}")))
-    }
-
-    /// The effective config as TOML, as written into the run directory.
-    pub fn to_toml(&self) -> Result<String> {
-        toml::to_string(self).map_err(|e| DuoError::Invalid(format!("config to TOML: {e}")))
-    }
+impl RunConfig for PretrainConfig {
+    /// Sections that fix the model and its data, as the checkpoints do (their shapes) and the step
+    /// count (the checkpoint interval).
+    const FROZEN_ON_RESUME: &'static [&'static str] = &[
+        "tokenizer",
+        "world",
+        "vae",
+        "text_encoder",
+        "unet",
+        "vae_training.checkpoint_every",
+        "diffusion_training.checkpoint_every",
+    ];
 
     /// Value checks beyond the types; the model sizes are checked when their diffusers configs are
     /// built (`export::model_configs`).
-    fn check(&self, path: &Path) -> Result<()> {
-        let err = |m: String| Err(DuoError::config(path, m));
-        self.world.world_config().validate().map_err(|e| DuoError::config(path, e.to_string()))?;
+    fn validate(&self) -> std::result::Result<(), String> {
+        let err = |m: String| Err(m);
+        self.world.world_config().validate().map_err(|e| e.to_string())?;
         for (name, s) in [
             ("vae_training", self.vae_training.schedule()),
             ("diffusion_training", self.diffusion_training.schedule()),
@@ -299,63 +244,6 @@ impl PretrainConfig {
         }
         Ok(())
     }
-}
-
-/// `a.b.c` in a TOML table.
-fn lookup<'a>(table: &'a toml::Table, key: &str) -> Option<&'a toml::Value> {
-    let mut parts = key.split('.');
-    let mut value = table.get(parts.next()?)?;
-    for part in parts {
-        value = value.as_table()?.get(part)?;
-    }
-    Some(value)
-}
-
-/// Applies one `section.key=value`: the key must exist, the value keeps the key's type. The value is
-/// read as TOML (`3e-4`, `[64, 128]`, `true`); where the key holds a string, the raw text is taken.
-fn apply_set(table: &mut toml::Table, set: &str) -> Result<()> {
-    let bad = |m: String| DuoError::Invalid(format!("--set {set}: {m}"));
-    let (key, raw) = set.split_once('=').ok_or_else(|| bad("expected section.key=value".into()))?;
-    let key = key.trim();
-    let mut parts: Vec<&str> = key.split('.').collect();
-    let last = parts.pop().filter(|k| !k.is_empty()).ok_or_else(|| bad("empty key".into()))?;
-    let mut current = table;
-    let mut prefix = String::new();
-    for part in parts {
-        prefix = if prefix.is_empty() { part.to_string() } else { format!("{prefix}.{part}") };
-        current = match current.get_mut(part) {
-            Some(toml::Value::Table(inner)) => inner,
-            Some(_) => return Err(bad(format!("`{prefix}` is a value, not a section"))),
-            None => return Err(bad(format!("unknown key `{key}`: there is no section `{prefix}`"))),
-        };
-    }
-    let Some(old) = current.get(last) else {
-        let known: Vec<&str> = current.keys().map(String::as_str).collect();
-        let section = if prefix.is_empty() { "the top level".to_string() } else { format!("[{prefix}]") };
-        return Err(bad(format!("unknown key `{key}`; {section} has: {}", known.join(", "))));
-    };
-    let new = match old {
-        toml::Value::String(_) => toml::Value::String(raw.to_string()),
-        _ => {
-            let parsed = toml::from_str::<toml::Table>(&format!("v = {raw}"))
-                .ok()
-                .and_then(|mut t| t.remove("v"))
-                .ok_or_else(|| bad(format!("`{raw}` is not a TOML value")))?;
-            match (old, parsed) {
-                (toml::Value::Float(_), toml::Value::Integer(i)) => toml::Value::Float(i as f64),
-                (old, new) if old.same_type(&new) => new,
-                (old, new) => {
-                    return Err(bad(format!(
-                        "`{key}` takes a value of type {}, but `{raw}` is of type {}",
-                        old.type_str(),
-                        new.type_str()
-                    )));
-                }
-            }
-        }
-    };
-    current.insert(last.to_string(), new);
-    Ok(())
 }
 
 #[cfg(test)]

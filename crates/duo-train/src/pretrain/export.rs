@@ -10,9 +10,10 @@ use burn::prelude::*;
 use burn::tensor::DType;
 use burn::tensor::module::interpolate;
 use burn::tensor::ops::{InterpolateMode, InterpolateOptions};
+use duo_core::eval::SeededSampler;
 use duo_core::models::{AutoencoderKL, AutoencoderKLConfig, ClipTextConfig, ClipTextModel};
 use duo_core::models::{UNet2DConditionConfig, UNet2DConditionModel, UNetLayout};
-use duo_core::pipelines::{Generation, NoiseSource, StableDiffusion, save_image_grid};
+use duo_core::pipelines::{StableDiffusion, save_image_grid};
 use duo_core::schedulers::{Scheduler, SchedulerConfig, SchedulerKind};
 use duo_core::weights::{UNET_SAVE_REMAPS, safetensors_bytes};
 use duo_core::world::{Colour, Shape, canonical_prompt};
@@ -328,19 +329,13 @@ pub fn sample_grid<B: Backend>(config: &PretrainConfig, device: &B::Device, png:
     let sd = StableDiffusion::<B>::load(&folder, device)?;
     let grid = &config.samples;
     let scheduler = Scheduler::new(SchedulerKind::Ddim, &sd.scheduler_config, grid.steps)?;
-    let side = config.world.resolution / sd.vae_scale_factor;
-    let mut prompts = Vec::new();
-    let mut latents = Vec::new();
-    for (row, shape) in Shape::ALL.into_iter().enumerate() {
-        let prompt = canonical_prompt(shape, Colour::ALL[row % Colour::ALL.len()]);
-        for seed in 0..grid.seeds as u64 {
-            prompts.push(prompt.clone());
-            latents.push(NoiseSource::new(seed).normal::<B, 4>([1, sd.latent_channels, side, side], device));
-        }
-    }
-    let generation = Generation { prompts, negative_prompts: Vec::new(), guidance_scale: grid.guidance };
-    let mut noise = NoiseSource::new(0);
-    let images = sd.txt2img(&generation, &scheduler, Tensor::cat(latents, 0), &mut noise, |_, _| {})?;
+    let prompts: Vec<String> = (Shape::ALL.into_iter().enumerate())
+        .map(|(row, shape)| canonical_prompt(shape, Colour::ALL[row % Colour::ALL.len()]))
+        .collect();
+    let seeds: Vec<u64> = (0..grid.seeds as u64).collect();
+    // the whole grid in one batch
+    let sampler = SeededSampler::new(&sd, &scheduler, grid.guidance, prompts.len() * seeds.len())?;
+    let (images, _) = sampler.sample(&prompts, &seeds, None, |_| {})?;
     let [_, _, h, w] = images.dims();
     let zoomed = interpolate(
         images,

@@ -10,7 +10,7 @@
 //! each stage's burn-train directory (checkpoints, metric logs) and `experiment.log`. `--resume DIR`
 //! continues it from the latest checkpoints; a finished stage is loaded, not retrained.
 
-mod config;
+pub(crate) mod config;
 mod data;
 mod diffusion;
 mod export;
@@ -26,6 +26,7 @@ use burn::tensor::backend::AutodiffBackend;
 use burn::train::{ApplicationLoggerInstaller, FileApplicationLoggerInstaller};
 use clap::Args;
 use duo_core::device::{BackendTask, DeviceChoice, FloatType, dispatch};
+use duo_core::run_config::{RUN_CONFIG_FILE, RunConfig};
 use duo_core::world::World;
 use duo_core::{DuoError, Result};
 
@@ -82,7 +83,7 @@ pub fn run(args: PretrainArgs, device: DeviceChoice, float: FloatType) -> Result
         sets.push(format!("out={}", out.display()));
     }
     let (config, dir) = match &args.resume {
-        Some(dir) => (PretrainConfig::resumed(&dir.join("config.toml"), &sets)?, dir.clone()),
+        Some(dir) => (PretrainConfig::resumed(&dir.join(RUN_CONFIG_FILE), &sets)?, dir.clone()),
         None => (
             PretrainConfig::load(&args.config, &sets)?,
             crate::new_run_dir(args.run_dir.clone(), "pretrain")?,
@@ -96,7 +97,7 @@ pub fn run(args: PretrainArgs, device: DeviceChoice, float: FloatType) -> Result
             let _ = std::fs::remove_dir_all(&dir);
         }
     })?;
-    duo_core::fsutil::write_atomic(&dir.join("config.toml"), config.to_toml()?.as_bytes())?;
+    config.save_to_run(&dir)?;
     // One log for both stages: burn-train would install one per launch and refuse the second.
     FileApplicationLoggerInstaller::new(dir.join("experiment.log"))
         .install()

@@ -1,14 +1,16 @@
-//! A DUO run's config: a TOML file in `configs/` read with the `config` crate, every key overridable
-//! from the command line (`--set duo.beta=250`). Unknown keys, in the file or in a `--set`, are
-//! errors that name the key. The effective config is written into the run directory, and `--resume`
-//! reads it back from there.
+//! A DUO run's config (`configs/toy-cross.toml`, `configs/sd14-*.toml`), read, overridden
+//! (`--set duo.beta=250`) and resumed as every run config is (`duo_core::run_config`).
 
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 
-use config::{Config, File, FileFormat, Value, ValueKind};
+use burn::prelude::Backend;
+use duo_core::Result;
+use duo_core::judge::ToyJudge;
 use duo_core::lora::{LoraConfig, LoraTargets};
 use duo_core::objective::{Objective, effective_lambda, effective_lr};
-use duo_core::{DuoError, Result};
+use duo_core::run_config::RunConfig;
+use duo_core::schedulers::SchedulerChoice;
+use duo_core::world::Shape;
 use serde::{Deserialize, Serialize};
 
 use crate::learning::Schedule;
@@ -43,9 +45,10 @@ pub struct PairsSection {
     pub steps: usize,
     pub guidance: f64,
     /// pndm, ddim, euler, dpm-solver, or "default" (the folder's scheduler).
-    pub scheduler: String,
+    pub scheduler: SchedulerChoice,
     /// A toy concept judge folder, or "none" (accept every image).
-    pub judge: String,
+    pub judge: JudgeChoice,
+    /// The toy-world shape the judge looks for ("cross").
     pub judge_shape: String,
     pub threshold: f32,
     pub max_tries: usize,
@@ -66,7 +69,7 @@ pub struct LoraSection {
 #[serde(deny_unknown_fields)]
 pub struct DuoSection {
     /// `duo`, or `diffusion-dpo` (shared t, −½β) for ablations.
-    pub objective: String,
+    pub objective: Objective,
     pub beta: f64,
     pub base_lr: f64,
     pub base_lambda: f64,
@@ -125,76 +128,84 @@ pub struct EvalSection {
     pub seeds: usize,
     pub steps: usize,
     pub guidance: f64,
-    pub scheduler: String,
+    pub scheduler: SchedulerChoice,
     /// Images per generation batch.
     pub batch: usize,
     /// The toy concept judge folder that scores the images ("none": `unlearn` cannot evaluate).
-    pub judge: String,
+    pub judge: JudgeChoice,
     /// The toy-world shape that is the concept.
     pub judge_shape: String,
     /// Probability above which the judge sees the concept.
     pub threshold: f32,
 }
 
-/// Keys that fix what the checkpoints hold: `--resume` refuses to change them.
-const FROZEN_ON_RESUME: &[&str] = &[
-    "model",
-    "concept",
-    "pairs.dir",
-    "lora.",
-    "training.checkpoint_every",
-    "training.batch_size",
-    "training.grad_accumulation",
-    "training.seed",
-];
+/// A run's concept judge: a toy concept-judge folder (`config.json` + `model.safetensors`), or
+/// `"none"`, which accepts every image (the violence setting has no filter).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(from = "String", into = "String")]
+pub enum JudgeChoice {
+    None,
+    Folder(PathBuf),
+}
 
-impl DuoConfig {
-    /// Reads `path`, applies `sets` (`key=value`, the key dotted: `duo.beta=250`) and checks the values.
-    pub fn load(path: &Path, sets: &[String]) -> Result<Self> {
-        if !path.is_file() {
-            return Err(DuoError::config(path, "no such config file".to_string()));
+impl From<String> for JudgeChoice {
+    fn from(value: String) -> Self {
+        match value.as_str() {
+            "none" => Self::None,
+            _ => Self::Folder(PathBuf::from(value)),
         }
-        let mut builder =
-            Config::builder().add_source(File::from(path).format(FileFormat::Toml).required(true));
-        for set in sets {
-            let (key, value) = parse_set(set)?;
-            builder = builder
-                .set_override(key.as_str(), value)
-                .map_err(|e| DuoError::config(path, format!("--set {set}: {e}")))?;
-        }
-        let config = builder.build().map_err(|e| DuoError::config(path, e.to_string()))?;
-        let config: Self = config.try_deserialize().map_err(|e| DuoError::config(path, e.to_string()))?;
-        config.validate().map_err(|message| DuoError::config(path, message))?;
-        Ok(config)
     }
+}
 
-    /// The config saved in a run directory, with `sets` that do not touch the frozen keys.
-    pub fn resumed(path: &Path, sets: &[String]) -> Result<Self> {
-        for set in sets {
-            let key = set.split_once('=').map_or(set.as_str(), |(k, _)| k.trim());
-            if FROZEN_ON_RESUME.iter().any(|f| key == *f || (f.ends_with('.') && key.starts_with(f))) {
-                return Err(DuoError::Invalid(format!(
-                    "--set {key}: cannot change it when resuming (the checkpoints depend on it)"
-                )));
+impl JudgeChoice {
+    /// The toy judge this names, looking for `shape` at `threshold`; `None` for "none".
+    pub fn load<B: Backend>(
+        &self,
+        shape: &str,
+        threshold: f32,
+        device: &B::Device,
+    ) -> Result<Option<ToyJudge<B>>> {
+        match self {
+            Self::None => Ok(None),
+            Self::Folder(dir) => {
+                let shape = crate::pairs::parse_shape(shape)?;
+                ToyJudge::load(dir, shape, threshold, device).map(Some)
             }
         }
-        Self::load(path, sets)
     }
+}
 
-    pub fn to_toml(&self) -> Result<String> {
-        toml::to_string(self).map_err(|e| DuoError::Invalid(format!("serialising the config: {e}")))
+impl From<JudgeChoice> for String {
+    fn from(choice: JudgeChoice) -> String {
+        match choice {
+            JudgeChoice::None => "none".to_string(),
+            JudgeChoice::Folder(dir) => dir.display().to_string(),
+        }
     }
+}
 
+impl RunConfig for DuoConfig {
+    /// What the checkpoints hold and how their batches are drawn.
+    const FROZEN_ON_RESUME: &'static [&'static str] = &[
+        "model",
+        "concept",
+        "pairs.dir",
+        "lora",
+        "training.checkpoint_every",
+        "training.batch_size",
+        "training.grad_accumulation",
+        "training.seed",
+    ];
+
+    fn validate(&self) -> std::result::Result<(), String> {
+        self.check()
+    }
+}
+
+impl DuoConfig {
     /// Where `train` reads the pairs and `unlearn` writes them.
     pub fn pair_dir(&self) -> PathBuf {
         self.pairs.dir.join(&self.concept)
-    }
-
-    pub fn objective(&self) -> Objective {
-        match self.duo.objective.as_str() {
-            "diffusion-dpo" => Objective::DiffusionDpo,
-            _ => Objective::Duo,
-        }
     }
 
     pub fn lr(&self) -> f64 {
@@ -233,10 +244,18 @@ impl DuoConfig {
         }
     }
 
-    fn validate(&self) -> std::result::Result<(), String> {
+    fn check(&self) -> std::result::Result<(), String> {
         let (d, t, p) = (&self.duo, &self.training, &self.pairs);
-        if !matches!(d.objective.as_str(), "duo" | "diffusion-dpo") {
-            return Err(format!("duo.objective = {:?}: expected \"duo\" or \"diffusion-dpo\"", d.objective));
+        let judged = [
+            ("pairs.judge_shape", &p.judge, &p.judge_shape),
+            ("eval.judge_shape", &self.eval.judge, &self.eval.judge_shape),
+        ];
+        // the shape matters only to a toy judge
+        for (key, _, name) in judged.into_iter().filter(|(_, judge, _)| **judge != JudgeChoice::None) {
+            if Shape::from_name(name).is_none() {
+                let names: Vec<&str> = Shape::ALL.iter().map(|s| s.name()).collect();
+                return Err(format!("{key} = {name:?}: not a toy-world shape (one of {})", names.join(", ")));
+            }
         }
         for (key, value) in [("duo.beta", d.beta), ("duo.base_lr", d.base_lr)] {
             if !(value.is_finite() && value > 0.0) {
@@ -294,36 +313,10 @@ impl DuoConfig {
     }
 }
 
-/// `key=value`, the value read as a TOML value (`250`, `1e-4`, `true`, `"text"`, `["a", "b"]`), or
-/// as a plain string when it is not one (`prompt=a red cross`).
-fn parse_set(set: &str) -> Result<(String, Value)> {
-    let Some((key, value)) = set.split_once('=') else {
-        return Err(DuoError::Invalid(format!("--set {set}: expected KEY=VALUE, e.g. duo.beta=250")));
-    };
-    let value = value.trim();
-    let parsed = toml::from_str::<toml::Table>(&format!("v = {value}"))
-        .ok()
-        .and_then(|mut table| table.remove("v"))
-        .and_then(from_toml);
-    Ok((key.trim().to_string(), parsed.unwrap_or_else(|| Value::new(None, ValueKind::String(value.into())))))
-}
-
-fn from_toml(value: toml::Value) -> Option<Value> {
-    let kind = match value {
-        toml::Value::String(s) => ValueKind::String(s),
-        toml::Value::Integer(i) => ValueKind::I64(i),
-        toml::Value::Float(f) => ValueKind::Float(f),
-        toml::Value::Boolean(b) => ValueKind::Boolean(b),
-        toml::Value::Array(items) => {
-            ValueKind::Array(items.into_iter().map(from_toml).collect::<Option<_>>()?)
-        }
-        toml::Value::Datetime(_) | toml::Value::Table(_) => return None,
-    };
-    Some(Value::new(None, kind))
-}
-
 #[cfg(test)]
 mod tests {
+    use std::path::Path;
+
     use super::*;
 
     fn configs() -> PathBuf {
@@ -352,15 +345,25 @@ mod tests {
         (a - b).abs() <= 1e-12 * b.abs()
     }
 
-    /// Every DUO run config shipped loads (`toy-pretrain.toml` is `duo-train pretrain`'s schema).
+    /// Every config shipped loads, each with its own schema.
     #[test]
     fn every_run_config_in_configs_loads() {
         let mut loaded = Vec::new();
         for entry in std::fs::read_dir(configs()).unwrap() {
             let path = entry.unwrap().path();
             let name = path.file_name().unwrap().to_string_lossy().into_owned();
-            if !name.ends_with(".toml") || name == "toy-pretrain.toml" {
-                continue;
+            // the other schemas, each through its own type
+            match name.as_str() {
+                "toy-pretrain.toml" => {
+                    crate::pretrain::config::PretrainConfig::load(&path, &[]).unwrap();
+                    continue;
+                }
+                "judge.toml" => {
+                    duo_core::judge::JudgeTrainConfig::load(&path, &[]).unwrap();
+                    continue;
+                }
+                _ if !name.ends_with(".toml") => continue,
+                _ => {}
             }
             if let Err(e) = DuoConfig::load(&path, &[]) {
                 panic!("{e}");
@@ -374,7 +377,7 @@ mod tests {
         }
     }
 
-    /// duo-reference.md §1 and §3: the SD 1.4 configs hold the published runs' numbers and prompts.
+    /// docs/duo-algorithm.md §1 and §3: the SD 1.4 configs hold the published runs' numbers and prompts.
     #[test]
     fn sd14_configs_carry_the_published_settings() {
         let load = |name: &str| DuoConfig::load(&configs().join(name), &[]).unwrap();
@@ -428,13 +431,30 @@ mod tests {
             assert!(!d.pair_prompts, "{name}");
         }
 
+        // what `duo-bench perf --duo-step` times is this run's step
+        let step = duo_core::objective::DuoStep::published();
+        assert_eq!(
+            (step.beta, step.lambda, step.objective),
+            (nudity.duo.beta, nudity.lambda(), nudity.duo.objective)
+        );
+        assert_eq!(step.max_grad_norm, nudity.training.max_grad_norm);
+        assert_eq!(step.grad_accumulation, nudity.training.grad_accumulation);
+        use duo_core::objective::published;
+        assert_eq!(
+            (published::BASE_LR, published::WEIGHT_DECAY),
+            (nudity.duo.base_lr, nudity.training.weight_decay)
+        );
         let (l, d, t, p) = (&nudity.lora, &nudity.duo, &nudity.training, &nudity.pairs);
         assert_eq!((l.rank, l.alpha, l.targets.as_str()), (32, 32.0, "self-attn"));
         assert_eq!((d.base_lr, d.base_lambda, d.beta_coupling), (3e-4, 1e6, true));
         assert_eq!((d.t_min, d.t_max, d.prior_timestep, d.prompt.as_str()), (0, 750, 999, ""));
         assert!(!d.pair_prompts, "the published runs condition every branch on the prompt");
         assert_eq!((t.batch_size, t.grad_accumulation, t.max_grad_norm, t.weight_decay), (4, 1, 1.0, 1e-2));
-        assert_eq!((p.steps, p.guidance, p.scheduler.as_str(), p.judge.as_str()), (50, 7.5, "pndm", "none"));
+        assert_eq!((p.steps, p.guidance), (50, 7.5));
+        assert_eq!(
+            (p.scheduler, &p.judge),
+            (SchedulerChoice::Kind(duo_core::schedulers::SchedulerKind::Pndm), &JudgeChoice::None)
+        );
     }
 
     #[test]
@@ -446,11 +466,18 @@ mod tests {
 
         let toy = configs().join("toy-cross.toml");
         let err = load_err(&toy, &["duo.betta=250"]);
-        assert!(err.contains("unknown field `betta`"), "{err}");
+        assert!(err.contains("unknown key `duo.betta`"), "{err}");
         let err = load_err(&toy, &["trainig.steps=10"]);
-        assert!(err.contains("unknown field `trainig`"), "{err}");
+        assert!(err.contains("no section `trainig`"), "{err}");
         let err = load_err(&toy, &["duo.beta"]);
         assert!(err.contains("KEY=VALUE"), "{err}");
+        // the words are checked: no silent default
+        let err = load_err(&toy, &["duo.objective=dpo"]);
+        assert!(err.contains("unknown variant `dpo`") && err.contains("toy-cross.toml"), "{err}");
+        let err = load_err(&toy, &["eval.scheduler=heun"]);
+        assert!(err.contains("unknown scheduler \"heun\""), "{err}");
+        let err = load_err(&toy, &["pairs.judge_shape=star"]);
+        assert!(err.contains("pairs.judge_shape = \"star\""), "{err}");
     }
 
     #[test]

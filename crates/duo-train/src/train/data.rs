@@ -6,8 +6,7 @@
 //! `learning::EpochLoader`, a resumed run sees exactly the batches the uninterrupted run would have.
 
 use burn::prelude::*;
-use burn::tensor::DType;
-use duo_core::device::float_dtype;
+use burn::tensor::FloatDType;
 use duo_core::models::AutoencoderKL;
 use duo_core::objective::{DuoBatch, Objective};
 use duo_core::pipelines::{NoiseSource, load_image};
@@ -212,7 +211,7 @@ pub struct BatchSource {
     pub conditioning: Conditioning,
     pub schedule: NoiseSchedule,
     /// The UNet's float type: its inputs are cast to it (the targets and losses stay f32).
-    pub unet_dtype: DType,
+    pub unet_dtype: FloatDType,
     pub sampling: Sampling,
 }
 
@@ -267,7 +266,7 @@ impl BatchSource {
             .map(|&t| t as f32)
             .chain(std::iter::repeat_n(s.prior_timestep as f32, b))
             .collect();
-        let float = float_dtype(self.unet_dtype);
+        let float = self.unet_dtype;
         let context_rows = match self.conditioning.pairs.shape[0] {
             1 => vec![0; b],
             _ => pairs.to_vec(),
@@ -321,7 +320,7 @@ mod tests {
                 prior: TensorData::new(vec![-1.0f32; 4], [1, 2, 2]),
             },
             schedule: NoiseSchedule::from_config(&SchedulerConfig::default()).unwrap(),
-            unet_dtype: DType::F32,
+            unet_dtype: FloatDType::F32,
             sampling: Sampling {
                 batch_size: 2,
                 objective: Objective::Duo,

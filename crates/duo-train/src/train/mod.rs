@@ -1,4 +1,4 @@
-//! `duo-train train`: the DUO learner (duo-reference.md §2) on burn-train.
+//! `duo-train train`: the DUO learner (docs/duo-algorithm.md §2) on burn-train.
 //!
 //! A run directory holds the effective config, the pairs' latent cache, burn-train's checkpoints
 //! (LoRA adapters and AdamW state only) and metric logs, `experiment.log`, and at the end
@@ -14,20 +14,22 @@ use std::sync::Arc;
 use burn::backend::Autodiff;
 use burn::backend::autodiff::checkpoint::strategy::BalancedCheckpointing;
 use burn::prelude::*;
-use burn::tensor::DType;
 use burn::tensor::backend::AutodiffBackend;
+use burn::tensor::{DType, FloatDType};
 use burn::train::{ApplicationLoggerInstaller, FileApplicationLoggerInstaller};
 use clap::Args;
 use duo_core::device::{BackendTask, DeviceChoice, FloatType, dispatch};
-use duo_core::lora::{LoraFormat, attach_lora, lora_parameter_count, save_lora};
-use duo_core::pipelines::encode_prompts;
-use duo_core::schedulers::{NoiseSchedule, SchedulerConfig};
-use duo_core::tokenizer::ClipTokenizer;
+use duo_core::lora::{LoraFormat, LoraNetworks, attach_lora, lora_parameter_count, save_lora};
+use duo_core::models::cast_floats;
+use duo_core::objective::DuoStep;
+use duo_core::pipelines::StableDiffusion;
+use duo_core::run_config::{RUN_CONFIG_FILE, RunConfig};
+use duo_core::schedulers::NoiseSchedule;
 use duo_core::{DuoError, ModelFolder, Result};
 
 use self::config::DuoConfig;
 use self::data::{BatchSource, Conditioning, PairFiles, PairLatents, Sampling};
-use self::model::{DuoModel, DuoSettings, NonFiniteGuard, TRAIN_SCALARS};
+use self::model::{DuoModel, NonFiniteGuard, TRAIN_SCALARS};
 use crate::learning::{EpochLoader, Stage, StopControl, latest_checkpoint};
 
 #[derive(Args, Debug, Clone)]
@@ -64,21 +66,16 @@ pub fn run(args: TrainArgs, device: DeviceChoice, float: FloatType) -> Result<Op
         sets.push(format!("concept={}", name.to_string_lossy()));
     }
     let (config, dir) = match &args.resume {
-        Some(dir) => (DuoConfig::resumed(&dir.join("config.toml"), &sets)?, dir.clone()),
+        Some(dir) => (DuoConfig::resumed(&dir.join(RUN_CONFIG_FILE), &sets)?, dir.clone()),
         None => (DuoConfig::load(&args.config, &sets)?, crate::new_run_dir(args.run_dir.clone(), "train")?),
     };
-    let files = PairFiles::list(&config.pair_dir())?;
-    std::fs::create_dir_all(&dir).map_err(|e| DuoError::io(&dir, e))?;
-    duo_core::fsutil::write_atomic(&dir.join("config.toml"), config.to_toml()?.as_bytes())?;
-    // burn-train would install one per launch; the unlearn job launches once per process anyway.
-    let _ = FileApplicationLoggerInstaller::new(dir.join("experiment.log")).install();
-    println!("run directory: {}", dir.display());
-    dispatch(device, float, TrainTask { config, files, dir, log_every: args.log_every })
+    // the pairs are checked before the model is read
+    PairFiles::list(&config.pair_dir())?;
+    dispatch(device, float, TrainTask { config, dir, log_every: args.log_every })
 }
 
 struct TrainTask {
     config: DuoConfig,
-    files: PairFiles,
     dir: PathBuf,
     log_every: usize,
 }
@@ -87,27 +84,50 @@ impl BackendTask for TrainTask {
     type Output = Option<PathBuf>;
 
     fn run<B: Backend>(self, device: B::Device, dtype: DType) -> Result<Option<PathBuf>> {
-        if self.config.training.gradient_checkpointing {
-            train::<Autodiff<B, BalancedCheckpointing>>(self, device, dtype)
-        } else {
-            train::<Autodiff<B>>(self, device, dtype)
-        }
+        let folder = ModelFolder::open(&self.config.model)?.with_dtype(dtype);
+        let sd = StableDiffusion::<B>::load(&folder, &device)?;
+        train_lora(&sd, &self.config, &self.dir, self.log_every)
     }
 }
 
-fn train<B: AutodiffBackend>(task: TrainTask, device: B::Device, dtype: DType) -> Result<Option<PathBuf>> {
-    let TrainTask { config, files, dir, log_every } = task;
-    // The VAE and the text encoder run once, in f32 (as the authors' VAE); `--dtype` is the UNet's.
-    let folder = ModelFolder::open(&config.model)?;
+/// The DUO learner on a loaded model: trains a LoRA on `config`'s pairs into the run directory
+/// `dir` (its effective config, latent cache, checkpoints, logs and finally `lora.safetensors`,
+/// whose path it returns; `None` when the run was stopped early). A directory that holds
+/// checkpoints is continued from the latest. The UNet trains in the model's dtype; the pairs are
+/// encoded by its VAE in f32, as the authors keep their VAE.
+pub fn train_lora<B: Backend>(
+    sd: &StableDiffusion<B>,
+    config: &DuoConfig,
+    dir: &Path,
+    log_every: usize,
+) -> Result<Option<PathBuf>> {
+    std::fs::create_dir_all(dir).map_err(|e| DuoError::io(dir, e))?;
+    config.save_to_run(dir)?;
+    // burn-train would install one per launch; a process launches one run anyway.
+    let _ = FileApplicationLoggerInstaller::new(dir.join("experiment.log")).install();
+    println!("run directory: {}", dir.display());
+    if config.training.gradient_checkpointing {
+        learn::<Autodiff<B, BalancedCheckpointing>>(sd, config, dir, log_every)
+    } else {
+        learn::<Autodiff<B>>(sd, config, dir, log_every)
+    }
+}
+
+fn learn<A: AutodiffBackend>(
+    sd: &StableDiffusion<A::InnerBackend>,
+    config: &DuoConfig,
+    dir: &Path,
+    log_every: usize,
+) -> Result<Option<PathBuf>> {
+    let files = PairFiles::list(&config.pair_dir())?;
+    let device = sd.device.clone();
     let schedule = config.schedule();
     let d = &config.duo;
-    let noise_schedule = NoiseSchedule::from_config(&SchedulerConfig::from_file(
-        &folder.file("scheduler", "scheduler_config.json")?,
-    )?)?;
+    let noise_schedule = NoiseSchedule::from_config(&sd.scheduler_config)?;
     let timesteps = noise_schedule.num_train_timesteps();
     if d.t_max > timesteps || d.prior_timestep >= timesteps {
         return Err(DuoError::config(
-            dir.join("config.toml"),
+            dir.join(RUN_CONFIG_FILE),
             format!(
                 "duo.t_max = {} and duo.prior_timestep = {} must lie within the model's {timesteps} training timesteps",
                 d.t_max, d.prior_timestep
@@ -115,29 +135,24 @@ fn train<B: AutodiffBackend>(task: TrainTask, device: B::Device, dtype: DType) -
         ));
     }
 
-    // Everything the UNet does not need is computed once, on the inner backend, then dropped.
-    let inner = device.clone();
+    // What the UNet does not need is computed once, on the inner backend.
     let conditioning = {
         let pair_prompts = match d.pair_prompts {
             true => files.unsafe_prompts(&config.pair_dir())?,
             false => vec![d.prompt.clone()],
         };
-        let tokenizer = ClipTokenizer::from_folder(&folder.root().join("tokenizer"))?;
-        let text_encoder = folder.text_encoder::<B::InnerBackend>(&inner)?;
-        let embed =
-            |prompts: &[String]| encode_prompts(&tokenizer, &text_encoder, prompts, &inner).into_data();
+        let embed = |prompts: &[String]| sd.encode_prompts(prompts).cast(FloatDType::F32).into_data();
         Conditioning { pairs: embed(&pair_prompts), prior: embed(std::slice::from_ref(&d.prompt)) }
     };
     let latents = {
-        let vae = folder.vae::<B::InnerBackend>(&inner)?;
-        let downscale = folder.vae_config()?.downscale_factor();
+        let vae = cast_floats(sd.vae.clone(), FloatDType::F32);
         PairLatents::load_or_encode(
             &files,
             &vae,
-            downscale,
+            sd.vae_scale_factor,
             config.training.seed,
             &dir.join("latents.safetensors"),
-            &inner,
+            &device,
         )?
     };
     println!(
@@ -146,17 +161,17 @@ fn train<B: AutodiffBackend>(task: TrainTask, device: B::Device, dtype: DType) -
         &latents.unsafe_latents.shape[1..],
         files.unsafe_images[0].parent().and_then(Path::parent).unwrap_or(Path::new(".")).display()
     );
+    let dtype = sd.dtype;
 
-    let unet =
-        attach_lora(folder.clone().with_dtype(dtype).unet::<B>(&device)?, &config.lora_config()?, &device)?;
+    let unet = attach_lora(sd.unet.clone().train::<A>(), &config.lora_config()?, &device)?;
     let trainable = lora_parameter_count(&unet);
     let control = StopControl::install()?;
     let guard = NonFiniteGuard::new(control.interrupter());
-    let resume = latest_checkpoint::<B>(&dir).unwrap_or(0);
-    let settings = DuoSettings {
+    let resume = latest_checkpoint::<A>(dir).unwrap_or(0);
+    let settings = DuoStep {
         beta: d.beta,
         lambda: config.lambda(),
-        objective: config.objective(),
+        objective: d.objective,
         max_grad_norm: config.training.max_grad_norm,
         grad_accumulation: schedule.grad_accumulation,
     };
@@ -179,7 +194,7 @@ fn train<B: AutodiffBackend>(task: TrainTask, device: B::Device, dtype: DType) -
         unet_dtype: dtype,
         sampling: Sampling {
             batch_size: schedule.batch_size,
-            objective: config.objective(),
+            objective: d.objective,
             t_min: d.t_min,
             t_max: d.t_max,
             prior_timestep: d.prior_timestep,
@@ -188,8 +203,8 @@ fn train<B: AutodiffBackend>(task: TrainTask, device: B::Device, dtype: DType) -
     });
     let batches = schedule.checkpoint_every * schedule.grad_accumulation;
     let train_source = source.clone();
-    let train = Arc::new(EpochLoader::<B, _>::new(
-        move |g, device| train_source.batch::<B>(g, device),
+    let train = Arc::new(EpochLoader::<A, _>::new(
+        move |g, device| train_source.batch::<A>(g, device),
         schedule.batch_size,
         batches,
         resume,
@@ -197,8 +212,8 @@ fn train<B: AutodiffBackend>(task: TrainTask, device: B::Device, dtype: DType) -
     ));
     // one fixed batch, every checkpoint
     let valid_pairs = config.training.valid_pairs.min(source.latents.len());
-    let valid = Arc::new(EpochLoader::<B::InnerBackend, _>::new(
-        move |_, device| source.valid_batch::<B::InnerBackend>(valid_pairs, device),
+    let valid = Arc::new(EpochLoader::<A::InnerBackend, _>::new(
+        move |_, device| source.valid_batch::<A::InnerBackend>(valid_pairs, device),
         valid_pairs,
         1,
         0,
@@ -206,7 +221,7 @@ fn train<B: AutodiffBackend>(task: TrainTask, device: B::Device, dtype: DType) -
     ));
     let stage = Stage {
         name: "duo",
-        dir: dir.clone(),
+        dir: dir.to_path_buf(),
         schedule: schedule.clone(),
         log_every,
         control: &control,
@@ -229,7 +244,7 @@ fn train<B: AutodiffBackend>(task: TrainTask, device: B::Device, dtype: DType) -
         // A stop between checkpoints (the TUI's stop, a second Ctrl-C) loses those steps for
         // --resume, but not the adapters: they are usable as they are.
         let at_stop = dir.join("lora-at-stop.safetensors");
-        save_lora(&result.model.policy(), &at_stop, LoraFormat::Peft)?;
+        save_lora(&LoraNetworks::unet_only(result.model.policy()), &at_stop, LoraFormat::Peft)?;
         println!(
             "stopped at the last checkpoint; continue with: duo-train train --resume {} (the adapters at the stop: {})",
             dir.display(),
@@ -238,7 +253,7 @@ fn train<B: AutodiffBackend>(task: TrainTask, device: B::Device, dtype: DType) -
         return Ok(None);
     }
     let lora = dir.join("lora.safetensors");
-    save_lora(&result.model.policy(), &lora, LoraFormat::Peft)?;
+    save_lora(&LoraNetworks::unet_only(result.model.policy()), &lora, LoraFormat::Peft)?;
     println!("wrote {} ({} adapters, PEFT format)", lora.display(), result.model.adapters.len());
     Ok(Some(lora))
 }
@@ -260,13 +275,7 @@ mod tests {
         let unet = attach_lora(folder.unet::<B>(&device).unwrap(), &Default::default(), &device).unwrap();
         let trainable = lora_parameter_count(&unet);
         let base = unet.num_params();
-        let settings = DuoSettings {
-            beta: 500.0,
-            lambda: 5e6,
-            objective: duo_core::objective::Objective::Duo,
-            max_grad_norm: 1.0,
-            grad_accumulation: 1,
-        };
+        let settings = DuoStep::published();
         let model = DuoModel::new(unet, settings, 0, NonFiniteGuard::new(burn::train::Interrupter::new()));
         assert!(trainable > 0 && trainable < base);
         assert_eq!(model.num_params(), trainable, "the base UNet is not part of the trained module");

@@ -13,21 +13,9 @@ use burn::tensor::backend::AutodiffBackend;
 use burn::train::{InferenceStep, Interrupter, TrainOutput, TrainStep};
 use duo_core::lora::{LoraAdapter, put_lora_adapters, take_lora_adapters};
 use duo_core::models::UNet2DConditionModel;
-use duo_core::objective::{DuoBatch, DuoLoss, Objective, clip_global_grad_norm, duo_unet_loss};
+use duo_core::objective::{DuoBatch, DuoLoss, DuoStep, duo_unet_loss};
 
 use crate::learning::StepOutput;
-
-/// The loss settings of a run.
-#[derive(Debug, Clone, Copy)]
-pub struct DuoSettings {
-    pub beta: f64,
-    pub lambda: f64,
-    pub objective: Objective,
-    pub max_grad_norm: f64,
-    /// Batches per optimizer step: each batch's loss is divided by it, so the summed gradients
-    /// are the mean (accelerate's convention).
-    pub grad_accumulation: usize,
-}
 
 /// Stops the run when a step's gradients are not finite, and remembers at which step.
 #[derive(Clone)]
@@ -66,7 +54,7 @@ pub struct DuoModel<B: Backend> {
     pub adapters: Vec<LoraAdapter<B>>,
     /// The adapters' diffusers module paths, in the same order.
     pub paths: Vec<String>,
-    pub settings: DuoSettings,
+    pub settings: DuoStep,
     /// Optimizer steps taken (from the checkpoint on resume).
     pub step: usize,
     pub guard: NonFiniteGuard,
@@ -78,12 +66,7 @@ pub const TRAIN_SCALARS: &[&str] =
 
 impl<B: Backend> DuoModel<B> {
     /// `unet` with its adapters attached (`attach_lora`); they are taken out into the module.
-    pub fn new(
-        unet: UNet2DConditionModel<B>,
-        settings: DuoSettings,
-        step: usize,
-        guard: NonFiniteGuard,
-    ) -> Self {
+    pub fn new(unet: UNet2DConditionModel<B>, settings: DuoStep, step: usize, guard: NonFiniteGuard) -> Self {
         let (unet, adapters) = take_lora_adapters(unet);
         let (paths, adapters) = adapters.into_iter().unzip();
         Self { unet, adapters, paths, settings, step, guard }
@@ -93,11 +76,6 @@ impl<B: Backend> DuoModel<B> {
     pub fn policy(&self) -> UNet2DConditionModel<B> {
         put_lora_adapters(self.unet.clone(), self.paths.iter().map(String::as_str).zip(&self.adapters))
             .expect("the adapter paths were taken from this UNet")
-    }
-
-    fn loss(&self, batch: &DuoBatch<B>) -> DuoLoss<B> {
-        let s = &self.settings;
-        duo_unet_loss(&self.policy(), batch, s.beta, s.lambda, s.objective)
     }
 }
 
@@ -111,15 +89,13 @@ impl<B: AutodiffBackend> TrainStep for DuoModel<B> {
     type Output = StepOutput<B>;
 
     fn step(&self, batch: DuoBatch<B>) -> TrainOutput<StepOutput<B>> {
-        let l = self.loss(&batch);
-        let grads = (l.loss.clone() / self.settings.grad_accumulation as f64).backward();
+        let (l, grads) = self.settings.gradients(&self.policy(), &batch);
         let loss = l.loss.clone().detach();
         TrainOutput::new(self, grads, output(batch.pairs(), loss, l))
     }
 
-    /// Global gradient-norm clipping (PyTorch's `clip_grad_norm_`, not Burn's per-tensor clipping),
-    /// then AdamW. A non-finite norm skips the update and stops the run: the last checkpoint stays
-    /// the last good state.
+    /// [`DuoStep::update`]: global gradient-norm clipping, then AdamW. A non-finite norm skips the
+    /// update and stops the run: the last checkpoint stays the last good state.
     fn optimize<AB, O>(self, optim: &mut O, lr: f64, grads: GradientsParams) -> Self
     where
         AB: AutodiffBackend,
@@ -127,14 +103,17 @@ impl<B: AutodiffBackend> TrainStep for DuoModel<B> {
         Self: AutodiffModule<AB>,
     {
         let step = self.step + 1;
-        let (grads, norm) = clip_global_grad_norm::<AB, Self>(&self, grads, self.settings.max_grad_norm);
-        if !norm.is_finite() {
-            self.guard.trip(step, norm);
-            return self;
+        let settings = self.settings;
+        match settings.update::<AB, Self, O>(self, optim, lr, grads) {
+            Ok(mut model) => {
+                model.step = step;
+                model
+            }
+            Err((model, norm)) => {
+                model.guard.trip(step, norm);
+                model
+            }
         }
-        let mut model = optim.step(lr, self, grads);
-        model.step = step;
-        model
     }
 }
 
@@ -143,7 +122,8 @@ impl<B: Backend> InferenceStep for DuoModel<B> {
     type Output = StepOutput<B>;
 
     fn step(&self, batch: DuoBatch<B>) -> StepOutput<B> {
-        let l = self.loss(&batch);
+        let s = &self.settings;
+        let l = duo_unet_loss(&self.policy(), &batch, s.beta, s.lambda, s.objective);
         output(batch.pairs(), l.loss.clone(), l)
     }
 }

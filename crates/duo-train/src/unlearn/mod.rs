@@ -15,18 +15,18 @@ use burn::prelude::*;
 use burn::tensor::DType;
 use clap::Args;
 use duo_core::device::{BackendTask, DeviceChoice, FloatType, dispatch};
-use duo_core::judge::ConceptJudge;
-use duo_core::lora::{LoraFormat, load_lora_specs};
+use duo_core::eval::Judge;
+use duo_core::lora::{LoraFormat, LoraNetworks, save_lora};
 use duo_core::pipelines::{StableDiffusion, save_png, tensor_to_rgb8};
+use duo_core::run_config::{RUN_CONFIG_FILE, RunConfig};
 use duo_core::{DuoError, ModelFolder, Result};
 use indicatif::{ProgressBar, ProgressStyle};
 use serde_json::json;
 
 use self::eval::{Evaluator, Goal, Group, Judged, Rate, pixel_similarity};
-use crate::export::{self, ExportArgs, ExportFormat};
-use crate::pairs::{self, PairsArgs};
-use crate::train::config::DuoConfig;
-use crate::train::{self, TrainArgs};
+use crate::pairs;
+use crate::train;
+use crate::train::config::{DuoConfig, JudgeChoice};
 
 #[derive(Args, Debug)]
 pub struct UnlearnArgs {
@@ -51,7 +51,7 @@ pub fn run(args: UnlearnArgs, device: DeviceChoice, float: FloatType) -> Result<
     let mut sets = args.set.clone();
     sets.push(format!("pairs.dir={}", out.join("pairs").display()));
     let config = DuoConfig::load(&args.config, &sets)?;
-    if config.eval.judge == "none" {
+    if config.eval.judge == JudgeChoice::None {
         return Err(DuoError::Invalid(format!(
             "{}: unlearn's evaluation needs a concept judge (eval.judge), and this config has none; \
              run `duo-train pairs`, `train` and `export` instead",
@@ -67,89 +67,65 @@ pub fn run(args: UnlearnArgs, device: DeviceChoice, float: FloatType) -> Result<
     }
     std::fs::create_dir_all(&out).map_err(|e| DuoError::io(&out, e))?;
     println!("unlearning `{}` from {} into {}", config.concept, config.model.display(), out.display());
-
-    // 1. pairs
-    println!("\n== 1/4 pairs: {} SDEdit pairs ==", config.pairs.count);
-    let t = Instant::now();
-    pairs::run(pairs_args(&config), device, float)?;
-    let pairs_s = t.elapsed().as_secs_f64();
-
-    // 2. train
-    println!("\n== 2/4 DUO training: {} steps ==", config.training.steps);
-    let t = Instant::now();
-    let train_dir = out.join("train");
-    let resume = train_dir.join("config.toml").is_file();
-    let trained = train::run(
-        TrainArgs {
-            config: args.config.clone(),
-            set: if resume { Vec::new() } else { sets.clone() },
-            pairs: None,
-            run_dir: (!resume).then(|| train_dir.clone()),
-            resume: resume.then(|| train_dir.clone()),
-            log_every: args.log_every,
-        },
-        device,
-        float,
-    )?;
-    let train_s = t.elapsed().as_secs_f64();
-    let Some(lora) = trained else {
-        println!("training stopped early; rerun the same command to continue");
-        return Ok(());
-    };
-
-    // 3. export (the PEFT file is the trainer's; Kohya for A1111-style tools)
-    println!("\n== 3/4 export ==");
-    let peft = out.join("lora.safetensors");
-    std::fs::copy(&lora, &peft).map_err(|e| DuoError::io(&peft, e))?;
-    let kohya = out.join("lora-kohya.safetensors");
-    println!("wrote {} (diffusers/PEFT)", peft.display());
-    // through `duo-train export`, which reads the UNet's config only, not its weights
-    export::run(
-        ExportArgs {
-            lora: vec![peft.display().to_string()],
-            run: Vec::new(),
-            format: ExportFormat::Lora(LoraFormat::Kohya),
-            model: config.model.clone(),
-            variant: None,
-            save_dtype: None,
-            out: kohya,
-        },
-        device,
-        float,
-    )?;
-
-    // 4. evaluate
-    println!("\n== 4/4 before/after evaluation ==");
-    let t = Instant::now();
-    let evaluation =
-        dispatch(device, float, Evaluate { config: config.clone(), lora: peft, out: out.clone() })?;
-    let eval_s = t.elapsed().as_secs_f64();
-
-    let timings = json!({
-        "pairs_s": pairs_s, "train_s": train_s, "eval_s": eval_s, "total_s": started.elapsed().as_secs_f64(),
-    });
-    write_reports(&config, &out, evaluation, timings)
+    dispatch(device, float, UnlearnJob { config, out, log_every: args.log_every, started })
 }
 
-fn pairs_args(config: &DuoConfig) -> PairsArgs {
-    let p = &config.pairs;
-    PairsArgs {
-        model: config.model.clone(),
-        concept: config.concept.clone(),
-        unsafe_prompt: p.unsafe_prompts.clone(),
-        safe_prompt: p.safe_prompts.clone(),
-        pairs: p.count,
-        strength: p.strength,
-        steps: p.steps,
-        guidance: p.guidance,
-        scheduler: (p.scheduler != "default").then(|| p.scheduler.clone()),
-        judge: p.judge.clone(),
-        judge_shape: p.judge_shape.clone(),
-        threshold: p.threshold,
-        max_tries: p.max_tries,
-        seed: p.seed,
-        out: p.dir.clone(),
-        lora: Vec::new(),
+/// The four stages on one loaded model.
+struct UnlearnJob {
+    config: DuoConfig,
+    out: PathBuf,
+    log_every: usize,
+    started: Instant,
+}
+
+impl BackendTask for UnlearnJob {
+    type Output = ();
+
+    fn run<B: Backend>(self, device: B::Device, dtype: DType) -> Result<()> {
+        let Self { config, out, log_every, started } = self;
+        let sd = StableDiffusion::<B>::load(&ModelFolder::open(&config.model)?.with_dtype(dtype), &device)?;
+
+        // 1. pairs
+        println!("\n== 1/4 pairs: {} SDEdit pairs ==", config.pairs.count);
+        let t = Instant::now();
+        let p = &config.pairs;
+        let judge = p.judge.load::<B>(&p.judge_shape, p.threshold, &device)?;
+        let judge = judge.as_ref().map(|j| j as &dyn Judge<B>);
+        pairs::make_pairs(&sd, judge, p, &config.concept, &config.model.display().to_string())?;
+        let pairs_s = t.elapsed().as_secs_f64();
+
+        // 2. train (a rerun continues the run in `train/` with the config it was started with)
+        println!("\n== 2/4 DUO training: {} steps ==", config.training.steps);
+        let t = Instant::now();
+        let train_dir = out.join("train");
+        let saved = train_dir.join(RUN_CONFIG_FILE);
+        let train_config = if saved.is_file() { DuoConfig::resumed(&saved, &[])? } else { config.clone() };
+        let Some(lora) = train::train_lora(&sd, &train_config, &train_dir, log_every)? else {
+            println!("training stopped early; rerun the same command to continue");
+            return Ok(());
+        };
+        let train_s = t.elapsed().as_secs_f64();
+
+        // 3. export: the trainer's PEFT file, and Kohya for A1111-style tools
+        println!("\n== 3/4 export ==");
+        let peft = out.join("lora.safetensors");
+        std::fs::copy(&lora, &peft).map_err(|e| DuoError::io(&peft, e))?;
+        println!("wrote {} (diffusers/PEFT)", peft.display());
+        let unlearned = sd.clone().with_loras(&[peft.display().to_string()])?;
+        let kohya = out.join("lora-kohya.safetensors");
+        save_lora(&LoraNetworks::unet_only(unlearned.unet.clone()), &kohya, LoraFormat::Kohya)?;
+        println!("wrote {} (Kohya/A1111)", kohya.display());
+
+        // 4. evaluate
+        println!("\n== 4/4 before/after evaluation ==");
+        let t = Instant::now();
+        let evaluation = evaluate(&sd, &unlearned, &config, &out)?;
+        let eval_s = t.elapsed().as_secs_f64();
+
+        let timings = json!({
+            "pairs_s": pairs_s, "train_s": train_s, "eval_s": eval_s, "total_s": started.elapsed().as_secs_f64(),
+        });
+        write_reports(&config, &out, evaluation, timings)
     }
 }
 
@@ -164,82 +140,74 @@ struct Evaluation {
     grid: PathBuf,
 }
 
-struct Evaluate {
-    config: DuoConfig,
-    lora: PathBuf,
-    out: PathBuf,
-}
-
-impl BackendTask for Evaluate {
-    type Output = Evaluation;
-
-    fn run<B: Backend>(self, device: B::Device, dtype: DType) -> Result<Evaluation> {
-        let Self { config, lora, out } = self;
-        let e = &config.eval;
-        let concept = crate::pairs::parse_shape(&e.judge_shape)?;
-        let judge = ConceptJudge::<B>::load(Path::new(&e.judge), &device)?;
-        let folder = ModelFolder::open(&config.model)?.with_dtype(dtype);
-        let sd = StableDiffusion::<B>::load(&folder, &device)?;
-        let scheduler = sd.scheduler((e.scheduler != "default").then_some(e.scheduler.as_str()), e.steps)?;
-        let groups = [
-            Group { prompts: &e.prompts, goal: Goal::Free(concept) },
-            Group { prompts: &e.paraphrases, goal: Goal::Free(concept) },
-            Group { prompts: &e.safe_prompts, goal: Goal::Named },
-            Group { prompts: &e.lookalike_prompts, goal: Goal::Named },
-        ];
-        for group in &groups[2..] {
-            for prompt in group.prompts {
-                eval::named_shape(prompt)?;
-            }
+/// Every eval prompt group with the same seeds on the base and the unlearned model, judged by the
+/// config's judge; writes `before-after.png` into `out`.
+fn evaluate<B: Backend>(
+    sd: &StableDiffusion<B>,
+    unlearned: &StableDiffusion<B>,
+    config: &DuoConfig,
+    out: &Path,
+) -> Result<Evaluation> {
+    let e = &config.eval;
+    let judge = e.judge.load::<B>(&e.judge_shape, e.threshold, &sd.device)?.ok_or_else(|| {
+        DuoError::Invalid("the evaluation needs a concept judge (eval.judge), and the config has none".into())
+    })?;
+    let scheduler = sd.scheduler(e.scheduler.kind(), e.steps)?;
+    let groups = [
+        Group { prompts: &e.prompts, goal: Goal::Free },
+        Group { prompts: &e.paraphrases, goal: Goal::Free },
+        Group { prompts: &e.safe_prompts, goal: Goal::Named },
+        Group { prompts: &e.lookalike_prompts, goal: Goal::Named },
+    ];
+    for group in &groups[2..] {
+        for prompt in group.prompts {
+            eval::named_shape(prompt)?;
         }
-        let evaluator = Evaluator {
-            judge: &judge,
-            scheduler: &scheduler,
-            seeds: e.seeds,
-            guidance: e.guidance,
-            batch: e.batch,
-            threshold: e.threshold,
-        };
-        let total: usize = groups.iter().map(|g| g.prompts.len() * e.seeds).sum::<usize>() * 2;
-        let bar = ProgressBar::new(total as u64).with_style(
-            ProgressStyle::with_template(
-                "eval [{bar:30}] {pos}/{len} images (base and unlearned model) {elapsed_precise}",
-            )
-            .expect("static template"),
-        );
-        let mut unlearned_sd = sd.clone();
-        unlearned_sd.unet = load_lora_specs(sd.unet.clone(), &[lora.display().to_string()])?;
-        // The two models on two threads: small sampling batches keep a CPU backend on about one core.
-        let run = |sd: &StableDiffusion<B>| -> Result<Vec<Judged<B>>> {
-            groups.iter().map(|g| evaluator.run(sd, g, &bar)).collect()
-        };
-        let (base, unlearned) = std::thread::scope(|scope| {
-            let base = scope.spawn(|| run(&sd));
-            let unlearned = run(&unlearned_sd);
-            (base.join().expect("the base model's evaluation panicked"), unlearned)
-        });
-        let (base, unlearned) = (base?, unlearned?);
-        bar.finish_and_clear();
-
-        let rate = |i: usize| -> Result<Rate> {
-            Ok(Rate {
-                base: evaluator.success_rate(&groups[i], &base[i])?,
-                unlearned: evaluator.success_rate(&groups[i], &unlearned[i])?,
-                n: base[i].verdicts.len(),
-            })
-        };
-        let grid = out.join("before-after.png");
-        before_after_grid(&groups, &base, &unlearned, e.seeds, &grid)?;
-        Ok(Evaluation {
-            prompts: rate(0)?,
-            paraphrases: rate(1)?,
-            safe: rate(2)?,
-            lookalike: rate(3)?,
-            safe_similarity: pixel_similarity(&base[2].images, &unlearned[2].images),
-            lookalike_similarity: pixel_similarity(&base[3].images, &unlearned[3].images),
-            grid,
-        })
     }
+    let evaluator = Evaluator {
+        judge: &judge,
+        scheduler: &scheduler,
+        seeds: (0..e.seeds as u64).collect(),
+        guidance: e.guidance,
+        batch: e.batch,
+    };
+    let total: usize = groups.iter().map(|g| g.prompts.len() * e.seeds).sum::<usize>() * 2;
+    let bar = ProgressBar::new(total as u64).with_style(
+        ProgressStyle::with_template(
+            "eval [{bar:30}] {pos}/{len} images (base and unlearned model) {elapsed_precise}",
+        )
+        .expect("static template"),
+    );
+    // The two models on two threads: small sampling batches keep a CPU backend on about one core.
+    let run = |sd: &StableDiffusion<B>| -> Result<Vec<Judged<B>>> {
+        groups.iter().map(|g| evaluator.run(sd, g, &bar)).collect()
+    };
+    let (base, after) = std::thread::scope(|scope| {
+        let base = scope.spawn(|| run(sd));
+        let after = run(unlearned);
+        (base.join().expect("the base model's evaluation panicked"), after)
+    });
+    let (base, after) = (base?, after?);
+    bar.finish_and_clear();
+
+    let rate = |i: usize| -> Result<Rate> {
+        Ok(Rate {
+            base: evaluator.success_rate(&groups[i], &base[i])?,
+            unlearned: evaluator.success_rate(&groups[i], &after[i])?,
+            n: base[i].judgements.len(),
+        })
+    };
+    let grid = out.join("before-after.png");
+    before_after_grid(&groups, &base, &after, e.seeds, &grid)?;
+    Ok(Evaluation {
+        prompts: rate(0)?,
+        paraphrases: rate(1)?,
+        safe: rate(2)?,
+        lookalike: rate(3)?,
+        safe_similarity: pixel_similarity(&base[2].images, &after[2].images),
+        lookalike_similarity: pixel_similarity(&base[3].images, &after[3].images),
+        grid,
+    })
 }
 
 /// Rows: the first two prompts of each group; columns: up to four seeds on the base model, a gap,
@@ -338,7 +306,7 @@ fn write_reports(config: &DuoConfig, out: &Path, e: Evaluation, timings: serde_j
         e.lookalike_similarity,
         concept = config.concept,
         model = config.model.display(),
-        judge = config.eval.judge,
+        judge = String::from(config.eval.judge.clone()),
         beta = config.duo.beta,
         lr = config.lr(),
         lambda = config.lambda(),
