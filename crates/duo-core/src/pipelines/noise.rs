@@ -39,7 +39,11 @@ mod tests {
     use super::*;
 
     fn first_values(seed: u64) -> Vec<f32> {
-        NoiseSource::new(seed).normal::<Flex, 1>([4], &Default::default()).into_data().to_vec::<f32>().unwrap()
+        NoiseSource::new(seed)
+            .normal::<Flex, 1>([4], &Default::default())
+            .into_data()
+            .to_vec::<f32>()
+            .unwrap()
     }
 
     /// The stream is part of every seeded result (images, pairs, evaluations): a dependency update

@@ -9,7 +9,10 @@ use burn::tensor::Tensor;
 use burn::tensor::backend::Backend;
 
 use super::ddpm::{checked_timesteps, clip_range};
-use super::{NoiseSchedule, PredictionType, SchedulerConfig, SchedulerKind, alpha_noise_coefficients};
+use super::{
+    NoiseSchedule, PredictionType, SchedulerConfig, SchedulerKind, SchedulerState, Steps,
+    alpha_noise_coefficients,
+};
 use crate::error::{DuoError, Result};
 
 const KIND: SchedulerKind = SchedulerKind::Ddim;
@@ -56,20 +59,12 @@ impl DdimScheduler {
         self.eta
     }
 
-    pub fn timesteps(&self) -> &[f64] {
-        &self.timesteps
-    }
-
     /// The training schedule (ᾱ).
     pub fn schedule(&self) -> &NoiseSchedule {
         &self.schedule
     }
 
-    pub(crate) fn noise_coefficients(&self, step_index: usize) -> (f32, f32) {
-        alpha_noise_coefficients(&self.schedule, self.steps[step_index])
-    }
-
-    pub(crate) fn step<B: Backend>(
+    fn prev_sample<B: Backend>(
         &self,
         model_output: Tensor<B, 4>,
         step_index: usize,
@@ -131,5 +126,26 @@ impl DdimScheduler {
             ))
         })?;
         Ok(prev_sample + noise.mul_scalar(std_dev_t))
+    }
+}
+
+impl Steps for DdimScheduler {
+    fn timesteps(&self) -> &[f64] {
+        &self.timesteps
+    }
+
+    fn noise_coefficients(&self, step_index: usize) -> (f32, f32) {
+        alpha_noise_coefficients(&self.schedule, self.steps[step_index])
+    }
+
+    fn step<B: Backend>(
+        &self,
+        model_output: Tensor<B, 4>,
+        step_index: usize,
+        sample: Tensor<B, 4>,
+        state: SchedulerState<B>,
+        noise: Option<Tensor<B, 4>>,
+    ) -> Result<(Tensor<B, 4>, SchedulerState<B>)> {
+        Ok((self.prev_sample(model_output, step_index, sample, noise)?, state))
     }
 }

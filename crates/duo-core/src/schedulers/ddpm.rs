@@ -7,8 +7,8 @@ use burn::tensor::Tensor;
 use burn::tensor::backend::Backend;
 
 use super::{
-    NoiseSchedule, PredictionType, SchedulerConfig, SchedulerKind, alpha_noise_coefficients,
-    discrete_timesteps,
+    NoiseSchedule, PredictionType, SchedulerConfig, SchedulerKind, SchedulerState, Steps,
+    alpha_noise_coefficients, discrete_timesteps,
 };
 use crate::error::{DuoError, Result};
 
@@ -65,10 +65,6 @@ impl DdpmScheduler {
         })
     }
 
-    pub fn timesteps(&self) -> &[f64] {
-        &self.timesteps
-    }
-
     /// The training schedule (ᾱ).
     pub fn schedule(&self) -> &NoiseSchedule {
         &self.schedule
@@ -79,11 +75,7 @@ impl DdpmScheduler {
         self.steps.get(step_index).is_some_and(|&t| t > 0)
     }
 
-    pub(crate) fn noise_coefficients(&self, step_index: usize) -> (f32, f32) {
-        alpha_noise_coefficients(&self.schedule, self.steps[step_index])
-    }
-
-    pub(crate) fn step<B: Backend>(
+    fn prev_sample<B: Backend>(
         &self,
         model_output: Tensor<B, 4>,
         step_index: usize,
@@ -138,6 +130,27 @@ impl DdpmScheduler {
             FixedVariance::Large => current_beta_t.sqrt(),
         };
         Ok(pred_prev_sample + noise.mul_scalar(std))
+    }
+}
+
+impl Steps for DdpmScheduler {
+    fn timesteps(&self) -> &[f64] {
+        &self.timesteps
+    }
+
+    fn noise_coefficients(&self, step_index: usize) -> (f32, f32) {
+        alpha_noise_coefficients(&self.schedule, self.steps[step_index])
+    }
+
+    fn step<B: Backend>(
+        &self,
+        model_output: Tensor<B, 4>,
+        step_index: usize,
+        sample: Tensor<B, 4>,
+        state: SchedulerState<B>,
+        noise: Option<Tensor<B, 4>>,
+    ) -> Result<(Tensor<B, 4>, SchedulerState<B>)> {
+        Ok((self.prev_sample(model_output, step_index, sample, noise)?, state))
     }
 }
 

@@ -12,9 +12,9 @@
 use burn::tensor::Tensor;
 use burn::tensor::backend::Backend;
 
-use super::euler::{final_sigmas_type, train_sigmas_f32};
+use super::sigmas::{final_sigmas_type, sigmas_at};
 use super::{
-    FinalSigmas, NoiseSchedule, PredictionType, SchedulerConfig, SchedulerKind, SchedulerState,
+    FinalSigmas, NoiseSchedule, PredictionType, SchedulerConfig, SchedulerKind, SchedulerState, Steps,
     TimestepSpacing, numerics,
 };
 use crate::error::{DuoError, Result};
@@ -156,20 +156,12 @@ impl DpmSolverScheduler {
             )));
         }
 
-        // 3. σ at each timestep (np.interp of integers: the training σ), then the final σ.
-        let train_sigmas = train_sigmas_f32(&schedule);
-        let train_sigmas_f64: Vec<f64> = train_sigmas.iter().map(|&s| s as f64).collect();
-        let mut sigmas_f32: Vec<f32> = steps
-            .iter()
-            .map(|&t| numerics::np_interp_unit_grid(t as f64, &train_sigmas_f64) as f32)
-            .collect();
-        sigmas_f32.push(match final_sigmas {
-            FinalSigmas::Zero => 0.0,
-            FinalSigmas::SigmaMin => train_sigmas[0],
-        });
+        // 3. σ at each timestep (integers: the training σ), then the final σ.
+        let timesteps: Vec<f64> = steps.iter().map(|&t| t as f64).collect();
+        let sigmas_f32 = sigmas_at(&schedule, &timesteps, final_sigmas);
 
         Ok(Self {
-            timesteps: steps.iter().map(|&t| t as f64).collect(),
+            timesteps,
             sigmas: sigmas_f32.iter().map(|&s| s as f64).collect(),
             sigmas_f32,
             prediction_type,
@@ -182,20 +174,11 @@ impl DpmSolverScheduler {
         })
     }
 
-    pub fn timesteps(&self) -> &[f64] {
-        &self.timesteps
-    }
-
     pub fn sigmas(&self) -> &[f64] {
         &self.sigmas
     }
 
-    /// `add_noise`: α_t·x + σ_t·ε at the step's σ.
-    pub(crate) fn noise_coefficients(&self, step_index: usize) -> (f32, f32) {
-        alpha_sigma(self.sigmas_f32[step_index])
-    }
-
-    pub(crate) fn step<B: Backend>(
+    fn prev_sample<B: Backend>(
         &self,
         model_output: Tensor<B, 4>,
         step_index: usize,
@@ -375,6 +358,27 @@ impl DpmSolverScheduler {
                     - d2.mul_scalar(sigma_t * ((e - 1.0 - h) / (h * h) - 0.5))
             }
         })
+    }
+}
+
+impl Steps for DpmSolverScheduler {
+    fn timesteps(&self) -> &[f64] {
+        &self.timesteps
+    }
+
+    fn noise_coefficients(&self, step_index: usize) -> (f32, f32) {
+        alpha_sigma(self.sigmas_f32[step_index])
+    }
+
+    fn step<B: Backend>(
+        &self,
+        model_output: Tensor<B, 4>,
+        step_index: usize,
+        sample: Tensor<B, 4>,
+        state: SchedulerState<B>,
+        _noise: Option<Tensor<B, 4>>,
+    ) -> Result<(Tensor<B, 4>, SchedulerState<B>)> {
+        self.prev_sample(model_output, step_index, sample, state)
     }
 }
 

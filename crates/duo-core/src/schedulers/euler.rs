@@ -10,8 +10,10 @@
 use burn::tensor::Tensor;
 use burn::tensor::backend::Backend;
 
+use super::sigmas::{final_sigmas_type, sigmas_at};
 use super::{
-    FinalSigmas, NoiseSchedule, PredictionType, SchedulerConfig, SchedulerKind, TimestepSpacing, numerics,
+    NoiseSchedule, PredictionType, SchedulerConfig, SchedulerKind, SchedulerState, Steps, TimestepSpacing,
+    numerics,
 };
 use crate::error::Result;
 
@@ -94,17 +96,9 @@ impl EulerScheduler {
             }
         };
 
-        // 3. σ at each timestep: np.interp over the float32 training sigmas, then the final σ.
-        let train_sigmas = train_sigmas_f32(&schedule);
-        let train_sigmas_f64: Vec<f64> = train_sigmas.iter().map(|&s| s as f64).collect();
-        let mut sigmas_f32: Vec<f32> = timesteps
-            .iter()
-            .map(|&t| numerics::np_interp_unit_grid(t as f64, &train_sigmas_f64) as f32)
-            .collect();
-        sigmas_f32.push(match final_sigmas {
-            FinalSigmas::Zero => 0.0,
-            FinalSigmas::SigmaMin => train_sigmas[0],
-        });
+        // 3. σ at each timestep, then the final σ.
+        let timesteps: Vec<f64> = timesteps.iter().map(|&t| t as f64).collect();
+        let sigmas_f32 = sigmas_at(&schedule, &timesteps, final_sigmas);
 
         // 4. init_noise_sigma (float32 arithmetic, as diffusers' tensor property).
         let max_sigma = sigmas_f32.iter().copied().fold(f32::NEG_INFINITY, f32::max);
@@ -114,16 +108,12 @@ impl EulerScheduler {
         };
 
         Ok(Self {
-            timesteps: timesteps.iter().map(|&t| t as f64).collect(),
+            timesteps,
             sigmas: sigmas_f32.iter().map(|&s| s as f64).collect(),
             sigmas_f32,
             prediction_type,
             init_noise_sigma,
         })
-    }
-
-    pub fn timesteps(&self) -> &[f64] {
-        &self.timesteps
     }
 
     pub fn sigmas(&self) -> &[f64] {
@@ -140,12 +130,7 @@ impl EulerScheduler {
         (sigma * sigma + 1.0).sqrt()
     }
 
-    /// `add_noise`: x + σ·ε.
-    pub(crate) fn noise_coefficients(&self, step_index: usize) -> (f32, f32) {
-        (1.0, self.sigmas_f32[step_index])
-    }
-
-    pub(crate) fn step<B: Backend>(
+    fn prev_sample<B: Backend>(
         &self,
         model_output: Tensor<B, 4>,
         step_index: usize,
@@ -172,23 +157,23 @@ impl EulerScheduler {
     }
 }
 
-/// σ_t = √((1 − ᾱ_t)/ᾱ_t) for every training timestep, in float32 (Euler and DPM-Solver).
-pub(crate) fn train_sigmas_f32(schedule: &NoiseSchedule) -> Vec<f32> {
-    (0..schedule.num_train_timesteps())
-        .map(|t| {
-            let a = schedule.alpha_cumprod_f32(t);
-            ((1.0 - a) / a).sqrt()
-        })
-        .collect()
-}
+impl Steps for EulerScheduler {
+    fn timesteps(&self) -> &[f64] {
+        &self.timesteps
+    }
 
-/// `final_sigmas_type` (default "zero").
-pub(crate) fn final_sigmas_type(config: &SchedulerConfig, kind: SchedulerKind) -> Result<FinalSigmas> {
-    config.choice(
-        "final_sigmas_type",
-        config.final_sigmas_type.as_deref(),
-        "zero",
-        &[("zero", FinalSigmas::Zero), ("sigma_min", FinalSigmas::SigmaMin)],
-        kind,
-    )
+    fn noise_coefficients(&self, step_index: usize) -> (f32, f32) {
+        (1.0, self.sigmas_f32[step_index])
+    }
+
+    fn step<B: Backend>(
+        &self,
+        model_output: Tensor<B, 4>,
+        step_index: usize,
+        sample: Tensor<B, 4>,
+        state: SchedulerState<B>,
+        _noise: Option<Tensor<B, 4>>,
+    ) -> Result<(Tensor<B, 4>, SchedulerState<B>)> {
+        Ok((self.prev_sample(model_output, step_index, sample), state))
+    }
 }

@@ -14,8 +14,8 @@ use burn::tensor::backend::Backend;
 
 use super::ddpm::check_in_schedule;
 use super::{
-    NoiseSchedule, PredictionType, SchedulerConfig, SchedulerKind, SchedulerState, alpha_noise_coefficients,
-    discrete_timesteps,
+    NoiseSchedule, PredictionType, SchedulerConfig, SchedulerKind, SchedulerState, Steps,
+    alpha_noise_coefficients, discrete_timesteps,
 };
 use crate::error::{DuoError, Result};
 
@@ -76,21 +76,13 @@ impl PndmScheduler {
         })
     }
 
-    pub fn timesteps(&self) -> &[f64] {
-        &self.timesteps
-    }
-
     /// The training schedule (ᾱ).
     pub fn schedule(&self) -> &NoiseSchedule {
         &self.schedule
     }
 
-    pub(crate) fn noise_coefficients(&self, step_index: usize) -> (f32, f32) {
-        alpha_noise_coefficients(&self.schedule, self.steps[step_index])
-    }
-
     /// diffusers' `step_plms`.
-    pub(crate) fn step<B: Backend>(
+    fn plms_step<B: Backend>(
         &self,
         model_output: Tensor<B, 4>,
         step_index: usize,
@@ -181,5 +173,26 @@ impl PndmScheduler {
             alpha_prod_t * beta_prod_t_prev.sqrt() + (alpha_prod_t * beta_prod_t * alpha_prod_t_prev).sqrt();
         Ok(sample.mul_scalar(sample_coeff)
             - model_output.mul_scalar(alpha_prod_t_prev - alpha_prod_t).div_scalar(model_output_denom_coeff))
+    }
+}
+
+impl Steps for PndmScheduler {
+    fn timesteps(&self) -> &[f64] {
+        &self.timesteps
+    }
+
+    fn noise_coefficients(&self, step_index: usize) -> (f32, f32) {
+        alpha_noise_coefficients(&self.schedule, self.steps[step_index])
+    }
+
+    fn step<B: Backend>(
+        &self,
+        model_output: Tensor<B, 4>,
+        step_index: usize,
+        sample: Tensor<B, 4>,
+        state: SchedulerState<B>,
+        _noise: Option<Tensor<B, 4>>,
+    ) -> Result<(Tensor<B, 4>, SchedulerState<B>)> {
+        self.plms_step(model_output, step_index, sample, state)
     }
 }
