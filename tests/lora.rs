@@ -245,6 +245,33 @@ fn both_file_formats_round_trip() {
     }
 }
 
+/// A PEFT file may carry its alphas as `<module>.alpha` scalars instead of metadata (some training
+/// scripts save them so): read as Kohya's are, per module.
+#[test]
+fn peft_alpha_keys_stand_for_the_metadata() {
+    let lora = randomize_lora_b(
+        attach_lora(tiny_unet::<B>(), &small_config(4, 8.0, 4), &Default::default()).unwrap(),
+        4,
+    );
+    let expected = forward(&lora);
+    let with_metadata = temp_path("alpha-keys-metadata.safetensors");
+    save_unet_lora(&lora, &with_metadata, LoraFormat::Peft).unwrap();
+    let stored = TensorFile::read(&with_metadata).unwrap();
+    let mut tensors: Vec<(String, TensorData)> =
+        stored.names().map(|k| (k.to_string(), stored.get(k).unwrap().clone())).collect();
+    let modules: Vec<String> =
+        stored.names().filter_map(|k| k.strip_suffix(".lora_A.weight")).map(str::to_string).collect();
+    for module in modules {
+        tensors.push((format!("{module}.alpha"), TensorData::new(vec![8.0f32], [0usize; 0])));
+    }
+    let with_keys = temp_path("alpha-keys.safetensors");
+    let named: Vec<(&str, TensorData)> = tensors.iter().map(|(k, v)| (k.as_str(), v.clone())).collect();
+    write_tensor_file(&with_keys, &named).unwrap();
+    assert!(TensorFile::read(&with_keys).unwrap().metadata("lora_adapter_metadata").is_none());
+    let loaded = load_unet_lora(tiny_unet::<B>(), &with_keys, 1.0).unwrap();
+    assert_identical("alpha keys", &forward(&loaded), &expected);
+}
+
 /// Violence: four LoRAs summed. Loading several files (with weights) equals merging them one
 /// after the other.
 #[test]

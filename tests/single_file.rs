@@ -135,3 +135,97 @@ fn export_writes_the_layout_diffusers_reads() {
         assert_same_networks(&out, model, |d| d);
     }
 }
+
+/// Every float parameter's path (our field path) and shape, read lazily: nothing is allocated, so
+/// SD 1.4's networks are walked without their weights.
+fn lazy_params<M: Module<B>>(module: &M) -> BTreeMap<String, Vec<usize>> {
+    struct Paths {
+        stack: Vec<String>,
+        out: BTreeMap<String, Vec<usize>>,
+    }
+    impl burn::module::ModuleVisitor<B> for Paths {
+        fn enter_module(&mut self, name: &str, _: &str) {
+            self.stack.push(name.to_string());
+        }
+        fn exit_module(&mut self, _: &str, _: &str) {
+            self.stack.pop();
+        }
+        fn visit_float<const D: usize>(&mut self, param: &burn::module::Param<burn::tensor::Tensor<B, D>>) {
+            self.out.insert(self.stack.join("."), param.lazy_shape().dims::<D>().to_vec());
+        }
+    }
+    let mut paths = Paths { stack: Vec::new(), out: BTreeMap::new() };
+    module.visit(&mut paths);
+    paths.out
+}
+
+/// A real SD 1.x checkpoint's key set (names and shapes: `single_file/sd15-ldm-keys.txt`) converts
+/// completely with SD 1.4's configs: every key lands on a parameter of the shape it has (the VAE
+/// attention's 1×1 convs as linear weights, PyTorch's [out, in] as our [in, out]), and every
+/// parameter is filled.
+#[test]
+fn a_real_sd1_checkpoint_key_set_converts_completely() {
+    use duo_core::single_file::{
+        CLIP_PREFIX, UNET_PREFIX, VAE_PREFIX, is_vae_attention_weight, unet_table, vae_table,
+    };
+    let configs =
+        ModelFolder::open(PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../models/sd-v1-4-configs"))
+            .unwrap();
+    let device = Default::default();
+    let layout = configs.unet_layout().unwrap();
+    let vae_config = configs.vae_config().unwrap();
+    let networks = [
+        ("unet", lazy_params(&layout.init::<B>(&device))),
+        ("vae", lazy_params(&vae_config.init::<B>(&device))),
+        ("text_encoder", lazy_params(&configs.text_encoder_config().unwrap().init::<B>(&device))),
+    ];
+    // our field path of a diffusers key (the UNet's feed-forward is renamed; linear weights transposed)
+    let field = |network: &str, key: &str| match network {
+        "unet" => key.replace(".ff.net.0.proj.", ".ff.proj_in.").replace(".ff.net.2.", ".ff.proj_out."),
+        _ => key.to_string(),
+    };
+    let (unet, vae) = (unet_table(&layout), vae_table(&vae_config));
+    let mut filled: Vec<std::collections::BTreeSet<String>> = vec![Default::default(); 3];
+    let text = std::fs::read_to_string(single_file("sd15-ldm-keys.txt")).unwrap();
+    let rows: Vec<&str> = text.lines().filter(|l| !l.starts_with('#')).collect();
+    assert_eq!(rows.len(), 686 + 248 + 197, "the file's key count");
+    for row in rows {
+        let (key, shape) = row.split_once(' ').unwrap();
+        let shape: Vec<usize> = shape
+            .trim_matches(['[', ']'])
+            .split(',')
+            .filter(|d| !d.is_empty())
+            .map(|d| d.parse().unwrap())
+            .collect();
+        let (n, diffusers) = if let Some(k) = key.strip_prefix(UNET_PREFIX) {
+            (0, unet.to_diffusers(k))
+        } else if let Some(k) = key.strip_prefix(VAE_PREFIX) {
+            (1, vae.to_diffusers(k))
+        } else if let Some(k) = key.strip_prefix(CLIP_PREFIX) {
+            if k.ends_with("position_ids") {
+                continue;
+            }
+            (2, Some(k.to_string()))
+        } else {
+            panic!("{key}: no network");
+        };
+        let diffusers = diffusers.unwrap_or_else(|| panic!("`{key}` has no diffusers key"));
+        let (name, params) = &networks[n];
+        let path = field(name, &diffusers);
+        let ours =
+            params.get(&path).unwrap_or_else(|| panic!("`{key}` → `{diffusers}`: no such {name} parameter"));
+        let mut expected = shape.clone();
+        if n == 1 && is_vae_attention_weight(&diffusers) {
+            expected.truncate(2);
+        }
+        if expected.len() == 2 && path.ends_with("weight") && !path.ends_with("embedding.weight") {
+            expected.reverse(); // our Linear stores [in, out]
+        }
+        assert_eq!(ours, &expected, "`{key}` → {name} `{path}`");
+        filled[n].insert(path);
+    }
+    for (n, (name, params)) in networks.iter().enumerate() {
+        let missing: Vec<&String> = params.keys().filter(|p| !filled[n].contains(*p)).collect();
+        assert!(missing.is_empty(), "{name} parameters no key fills: {missing:?}");
+    }
+}

@@ -149,8 +149,11 @@ impl SingleFile {
     ) -> Result<Vec<TensorSnapshot>> {
         let mut out = Vec::new();
         for (key, snapshot) in self.under(prefix) {
-            // the schedule and EMA buffers some checkpoints keep beside the weights
-            if prefix == CLIP_PREFIX && key.ends_with("position_ids") {
+            // buffers and training-only weights some checkpoints keep beside the networks: CLIP's
+            // position ids, the autoencoder's training loss (LPIPS and discriminator)
+            if (prefix == CLIP_PREFIX && key.ends_with("position_ids"))
+                || (prefix == VAE_PREFIX && key.starts_with("loss."))
+            {
                 continue;
             }
             let names = place(key).ok_or_else(|| self.unplaced(prefix, key))?;

@@ -129,7 +129,7 @@ impl<B: Backend> ConceptJudge<B> {
     }
 }
 
-/// The toy concept judge as an evaluation [`Judge`]: the concept is one shape, present when the
+/// The toy concept judge as an evaluation [`Judge`](crate::eval::Judge): the concept is one shape, present when the
 /// judge gives it a probability of at least `threshold`. Labels: the most probable shape, colour and
 /// background, by their canonical names ([`Shape::name`], [`Colour::name`], [`Background::name`]).
 pub struct ToyJudge<B: Backend> {
