@@ -87,7 +87,14 @@ fn checkpoints_that_do_not_fit_are_errors_naming_the_file() {
     let folder =
         ModelFolder::open_single_file(&single_file("sd1-tiny.safetensors"), Some(&sd1_configs)).unwrap();
     let err = folder.unet::<B>(&Default::default()).unwrap_err().to_string();
-    assert!(err.contains("sd1-tiny.safetensors"), "{err}");
+    assert!(
+        err.contains("sd1-tiny.safetensors") && err.contains("configs in") && err.contains("--config DIR"),
+        "{err}"
+    );
+    // configs given with a folder
+    let err =
+        ModelFolder::open_single_file(&fixtures().join("models/sd1-tiny"), Some(&sd1_configs)).unwrap_err();
+    assert!(err.to_string().contains("is a model folder"), "{err}");
     // not a checkpoint at all
     let err =
         ModelFolder::open(fixtures().join("lora/sd1-tiny/peft-meta.safetensors")).unwrap_err().to_string();

@@ -40,6 +40,12 @@ impl ModelFolder {
     /// A single-file checkpoint with the configs, tokenizer and scheduler of the diffusers folder
     /// `configs` (default for SD 1.x: [`SD1_CONFIGS`]; SD 2.x has no default).
     pub fn open_single_file(file: &Path, configs: Option<&Path>) -> Result<Self> {
+        if file.is_dir() {
+            return Err(DuoError::Invalid(format!(
+                "{} is a model folder: configs given apart (--config) go with a single-file checkpoint only",
+                file.display()
+            )));
+        }
         let family = crate::single_file::SingleFile::open(file)?.family();
         let configs = match (configs, family) {
             (Some(dir), _) => dir.to_path_buf(),
@@ -132,10 +138,28 @@ impl ModelFolder {
         }
         if let Some(file) = &self.single_file {
             let tensors = crate::single_file::SingleFile::open(file)?.unet(&layout)?;
-            return load_snapshots(layout.init(device), tensors, file, &remaps, self.dtype, &[]);
+            return self.configs_hint(load_snapshots(
+                layout.init(device),
+                tensors,
+                file,
+                &remaps,
+                self.dtype,
+                &[],
+            ));
         }
         let file = self.weights_file("unet", "diffusion_pytorch_model", "diffusion_pytorch_model")?;
         load_weights(layout.init(device), &file, &remaps, self.dtype, &[])
+    }
+
+    /// A single-file checkpoint that does not fit the configs: say where they came from.
+    fn configs_hint<T>(&self, result: Result<T>) -> Result<T> {
+        result.map_err(|e| {
+            DuoError::Invalid(format!(
+                "{e}. The networks were built from the configs in {}; a checkpoint of another size needs its own \
+                 (--config DIR: a diffusers folder of that model, only its JSON and tokenizer files are read)",
+                self.root.display()
+            ))
+        })
     }
 
     /// The single-file checkpoint the weights come from, if any.
@@ -151,7 +175,14 @@ impl ModelFolder {
         let config = self.vae_config()?;
         if let Some(file) = &self.single_file {
             let tensors = crate::single_file::SingleFile::open(file)?.vae(&config)?;
-            return load_snapshots(config.init(device), tensors, file, weights::VAE_REMAPS, self.dtype, &[]);
+            return self.configs_hint(load_snapshots(
+                config.init(device),
+                tensors,
+                file,
+                weights::VAE_REMAPS,
+                self.dtype,
+                &[],
+            ));
         }
         let file = self.weights_file("vae", "diffusion_pytorch_model", "diffusion_pytorch_model")?;
         load_weights(config.init(device), &file, weights::VAE_REMAPS, self.dtype, &[])
@@ -165,7 +196,14 @@ impl ModelFolder {
         let config = self.text_encoder_config()?;
         if let Some(file) = &self.single_file {
             let tensors = crate::single_file::SingleFile::open(file)?.text_encoder(&config)?;
-            return load_snapshots(config.init(device), tensors, file, weights::CLIP_REMAPS, self.dtype, &[]);
+            return self.configs_hint(load_snapshots(
+                config.init(device),
+                tensors,
+                file,
+                weights::CLIP_REMAPS,
+                self.dtype,
+                &[],
+            ));
         }
         let file = self.weights_file("text_encoder", "model", "pytorch_model")?;
         load_weights(config.init(device), &file, weights::CLIP_REMAPS, self.dtype, weights::CLIP_IGNORED)

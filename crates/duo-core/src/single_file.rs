@@ -86,10 +86,6 @@ impl SingleFile {
         self.family
     }
 
-    pub fn path(&self) -> &Path {
-        &self.path
-    }
-
     /// The UNet's tensors under diffusers keys. Every `model.diffusion_model.` key must have a place.
     pub fn unet(&self, layout: &UNetLayout) -> Result<Vec<TensorSnapshot>> {
         let table = unet_table(layout);
@@ -491,13 +487,6 @@ fn split_rows(
 /// transformers CLIP names otherwise (SD 1.x).
 pub fn family_of(text_encoder: &ClipTextConfig) -> Family {
     if text_encoder.hidden_act == "gelu" { Family::Sd2 } else { Family::Sd1 }
-}
-
-/// The LDM key (or, for OpenCLIP's fused projections, the key and which third) of one network's
-/// diffusers key, for writing a single file.
-pub enum LdmKey {
-    Plain(String),
-    Third(String, usize),
 }
 
 /// The tensors of a single file, from the three networks' diffusers-keyed tensors: renamed, the VAE
