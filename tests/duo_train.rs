@@ -260,9 +260,15 @@ fn bad_pair_folders_and_configs_are_clear_errors() {
     );
     expect_error(train(&dir.join("r5"), &dir.join("nowhere"), &[]), "nowhere");
 
-    // one safe twin missing
+    // one safe twin missing, then under another name: pairs are matched by name, not by order
     std::fs::remove_file(pairs.join("safe/02.png")).unwrap();
-    expect_error(train(&dir.join("r6"), &pairs, &[]), "3 unsafe images but 2 safe");
+    expect_error(
+        train(&dir.join("r6"), &pairs, &[]),
+        "no twin of the same name on the other side: unsafe/02",
+    );
+    std::fs::copy(pairs.join("safe/01.png"), pairs.join("safe/07.png")).unwrap();
+    expect_error(train(&dir.join("r6b"), &pairs, &[]), "unsafe/02, safe/07");
+    std::fs::remove_file(pairs.join("safe/07.png")).unwrap();
     // a safe twin of another size
     image::RgbImage::new(24, 16).save(pairs.join("safe/02.png")).unwrap();
     expect_error(train(&dir.join("r7"), &pairs, &[]), "02.png");

@@ -62,6 +62,11 @@ impl FromStr for DeviceChoice {
         let (name, index) = match s.split_once(':') {
             Some((n, i)) => {
                 let index = i.parse().map_err(|_| DuoError::Invalid(format!("bad device index in {s:?}")))?;
+                if matches!(n, "cpu" | "flex" | "ndarray") {
+                    return Err(DuoError::Invalid(format!(
+                        "device {s:?}: the {n} backend has one device and takes no index (use `{n}`)"
+                    )));
+                }
                 (n, index)
             }
             None => (s, 0),

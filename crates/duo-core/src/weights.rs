@@ -173,6 +173,15 @@ pub fn load_snapshots<B: Backend, M: Module<B>>(
     let remapper = KeyRemapper::from_patterns(remaps.to_vec())
         .map_err(|e| DuoError::Invalid(format!("bad key remap pattern: {e}")))?;
     let (snapshots, _) = remapper.remap(snapshots);
+    // an integer tensor where a weight belongs would crash the backend (it is no float weight)
+    if let Some(s) =
+        snapshots.iter().find(|s| !ignored.contains(&s.full_path().as_str()) && !is_float(s.dtype))
+    {
+        return Err(DuoError::weights(
+            file,
+            format!("`{}` is stored as {:?}: weights are floating-point tensors", s.full_path(), s.dtype),
+        ));
+    }
     let adapter = PyTorchToBurnAdapter.chain(CastAdapter(dtype));
     let result = module.apply(snapshots, None, Some(Box::new(adapter)), false);
 
@@ -210,5 +219,43 @@ pub fn load_snapshots<B: Backend, M: Module<B>>(
             ),
         ));
     }
+    check_finite(&module, file)?;
     Ok(module)
+}
+
+/// f64, f32, f16 and bf16: the dtypes a weight may be stored in (read as the run's dtype).
+pub fn is_float(dtype: DType) -> bool {
+    matches!(dtype, DType::F64 | DType::F32 | DType::F16 | DType::BF16)
+}
+
+/// A NaN or ∞ in loaded weights is an error naming the tensor: it would turn every output into NaN
+/// without a word.
+pub fn check_finite<B: Backend, M: Module<B>>(module: &M, file: &Path) -> Result<()> {
+    struct Finite {
+        path: Vec<String>,
+        bad: Option<String>,
+    }
+    impl<B: Backend> burn::module::ModuleVisitor<B> for Finite {
+        fn enter_module(&mut self, name: &str, _: &str) {
+            self.path.push(name.to_string());
+        }
+        fn exit_module(&mut self, _: &str, _: &str) {
+            self.path.pop();
+        }
+        fn visit_float<const D: usize>(&mut self, param: &burn::module::Param<Tensor<B, D>>) {
+            if self.bad.is_some() || !param.is_initialized() {
+                return;
+            }
+            let finite = param.val().is_finite().all().into_data().iter::<bool>().all(|b| b);
+            if !finite {
+                self.bad = Some(self.path.join("."));
+            }
+        }
+    }
+    let mut visitor = Finite { path: Vec::new(), bad: None };
+    module.visit(&mut visitor);
+    match visitor.bad {
+        Some(path) => Err(DuoError::weights(file, format!("weight `{path}` holds NaN or infinite values"))),
+        None => Ok(()),
+    }
 }

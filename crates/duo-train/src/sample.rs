@@ -6,7 +6,9 @@ use burn::prelude::*;
 use burn::tensor::DType;
 use clap::Args;
 use duo_core::device::{BackendTask, DeviceChoice, FloatType, dispatch};
-use duo_core::pipelines::{Generation, NoiseSource, StableDiffusion, load_image, save_image_grid};
+use duo_core::pipelines::{
+    Generation, NoiseSource, StableDiffusion, image_format, load_image, save_image_grid,
+};
 use duo_core::schedulers::SchedulerKind;
 use duo_core::tensor_file::{TensorFile, write_tensor_file};
 use duo_core::{DuoError, ModelFolder, Result};
@@ -63,7 +65,7 @@ pub struct SampleArgs {
     /// Weight file variant, e.g. fp16.
     #[arg(long)]
     variant: Option<String>,
-    /// Output PNG (a grid when the batch has several images).
+    /// Output image, PNG or JPEG by its extension (a grid when the batch has several images).
     #[arg(long)]
     out: PathBuf,
     /// Also save the images as safetensors key "image" [B,3,H,W] f32 in 0..1, before 8-bit quantisation.
@@ -81,6 +83,7 @@ impl BackendTask for SampleTask {
     type Output = ();
     fn run<B: Backend>(self, device: B::Device, dtype: DType) -> Result<()> {
         let args = self.0;
+        image_format(&args.out)?;
         let folder = match &args.config {
             Some(config) => ModelFolder::open_single_file(&args.model, Some(config))?,
             None => ModelFolder::open(&args.model)?,
@@ -140,6 +143,9 @@ impl BackendTask for SampleTask {
 
 /// The requested size, or diffusers' default (`sample_size × vae_scale_factor`), checked against the
 /// VAE factor.
+/// The largest image `sample` draws: 8192×8192 pixels.
+const MAX_PIXELS: usize = 8192 * 8192;
+
 fn image_size<B: Backend>(
     sd: &StableDiffusion<B>,
     height: Option<usize>,
@@ -155,6 +161,12 @@ fn image_size<B: Backend>(
     let (h, w) = (pick(height, "height")?, pick(width, "width")?);
     if h % f != 0 || w % f != 0 || h == 0 || w == 0 {
         return Err(DuoError::Invalid(format!("image size {h}×{w} must be a non-zero multiple of {f}")));
+    }
+    // checked before anything is allocated: a typo must not become a terabyte allocation
+    if h.saturating_mul(w) > MAX_PIXELS {
+        return Err(DuoError::Invalid(format!(
+            "image size {h}×{w} is over {MAX_PIXELS} pixels (8192×8192); SD's VAE alone would need hundreds of GB there"
+        )));
     }
     Ok((h, w))
 }

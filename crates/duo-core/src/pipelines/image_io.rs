@@ -58,14 +58,28 @@ pub fn save_image_grid<B: Backend>(images: &Tensor<B, 4>, columns: usize, path: 
         let (x0, y0) = ((i % columns) * (w + gap), (i / columns) * (h + gap));
         image::imageops::replace(&mut grid, &tile, x0 as i64, y0 as i64);
     }
-    save_png(&grid, path)
+    save_image(&grid, path)
 }
 
-/// Writes `image` as a PNG, atomically.
-pub fn save_png(image: &RgbImage, path: &Path) -> Result<()> {
+/// The image format `path`'s extension names: PNG (`.png`) or JPEG (`.jpg`, `.jpeg`); any other
+/// is an error, checked before the work whose result it would hold.
+pub fn image_format(path: &Path) -> Result<image::ImageFormat> {
+    match path.extension().and_then(|e| e.to_str()).map(str::to_ascii_lowercase).as_deref() {
+        Some("png") => Ok(image::ImageFormat::Png),
+        Some("jpg" | "jpeg") => Ok(image::ImageFormat::Jpeg),
+        _ => Err(DuoError::Invalid(format!(
+            "{}: the image format is chosen by the file name's extension, .png or .jpg/.jpeg",
+            path.display()
+        ))),
+    }
+}
+
+/// Writes `image` in the format of `path`'s extension ([`image_format`]), atomically.
+pub fn save_image(image: &RgbImage, path: &Path) -> Result<()> {
+    let format = image_format(path)?;
     let mut bytes = Vec::new();
     image
-        .write_to(&mut std::io::Cursor::new(&mut bytes), image::ImageFormat::Png)
+        .write_to(&mut std::io::Cursor::new(&mut bytes), format)
         .map_err(|e| DuoError::Invalid(format!("encoding {}: {e}", path.display())))?;
     crate::fsutil::write_atomic(path, &bytes)
 }

@@ -4,7 +4,7 @@
 mod image_io;
 mod noise;
 
-pub use image_io::{load_image, save_image_grid, save_png, tensor_to_rgb8};
+pub use image_io::{image_format, load_image, save_image, save_image_grid, tensor_to_rgb8};
 pub use noise::NoiseSource;
 
 use burn::prelude::*;
@@ -60,6 +60,18 @@ pub fn encode_prompts<B: Backend>(
     device: &B::Device,
 ) -> Tensor<B, 3> {
     let len = tokenizer.model_max_length();
+    for prompt in prompts {
+        // as diffusers warns: the text encoder sees only the first tokens
+        let tokens = tokenizer.encode(prompt).len();
+        if tokens > len {
+            let start: String = prompt.chars().take(40).collect();
+            eprintln!(
+                "warning: the prompt \"{start}…\" is {tokens} tokens long with its start and end tokens; the \
+                 text encoder reads {len}, so the last {} are dropped",
+                tokens - len
+            );
+        }
+    }
     let ids: Vec<i64> = prompts.iter().flat_map(|p| tokenizer.encode_padded(p, len)).map(i64::from).collect();
     let ids = Tensor::<B, 2, Int>::from_data(TensorData::new(ids, [prompts.len(), len]), device);
     text_encoder.forward(ids).last_hidden_state
@@ -131,6 +143,12 @@ impl<B: Backend> StableDiffusion<B> {
     /// The conditioning for a loop: `[negative; positive]` embeddings when guidance applies (scale > 1),
     /// else the positive ones alone.
     fn conditioning(&self, generation: &Generation) -> Result<Conditioning<B>> {
+        if !generation.guidance_scale.is_finite() {
+            return Err(DuoError::Invalid(format!(
+                "guidance scale {} is not a finite number",
+                generation.guidance_scale
+            )));
+        }
         Ok(Conditioning {
             context: self.text_context(generation)?,
             guidance_scale: generation.guidance_scale,
@@ -188,6 +206,17 @@ impl<B: Backend> StableDiffusion<B> {
             };
             let noise = if scheduler.needs_noise() { Some(step_noise(i, latents.dims())?) } else { None };
             let (next, next_state) = scheduler.step(prediction, i, latents, state, noise)?;
+            // one read per step: a NaN or ∞ is named where it appears, not found in the image
+            let finite = next.clone().is_finite().all().into_data().iter::<bool>().all(|b| b);
+            if !finite {
+                return Err(DuoError::Invalid(format!(
+                    "the latents became non-finite (NaN or ∞) at step {} of {} (t = {}); the weights, the \
+                     inputs or the precision (--dtype) do not hold up",
+                    i + 1 - start,
+                    timesteps.len() - start,
+                    timesteps[i]
+                )));
+            }
             latents = next;
             state = next_state;
             on_step(i + 1 - start, timesteps.len() - start);

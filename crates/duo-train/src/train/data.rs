@@ -31,7 +31,8 @@ pub struct PairFiles {
 const IMAGE_EXTENSIONS: &[&str] = &["png", "jpg", "jpeg"];
 
 impl PairFiles {
-    /// Lists `<dir>/unsafe` and `<dir>/safe` (PNG or JPEG), checking that both hold as many images.
+    /// Lists `<dir>/unsafe` and `<dir>/safe` (PNG or JPEG) and pairs them by file stem (`03.png` with
+    /// `03.jpg`): an image without its twin is an error listing it.
     pub fn list(dir: &Path) -> Result<Self> {
         let list = |side: &str| -> Result<Vec<PathBuf>> {
             let sub = dir.join(side);
@@ -54,14 +55,35 @@ impl PairFiles {
                 dir.join("unsafe").display()
             )));
         }
-        if unsafe_images.len() != safe_images.len() {
+        let stem = |p: &PathBuf| p.file_stem().map(|s| s.to_string_lossy().into_owned()).unwrap_or_default();
+        let stems = |files: &[PathBuf]| files.iter().map(stem).collect::<std::collections::BTreeSet<_>>();
+        let (unsafe_stems, safe_stems) = (stems(&unsafe_images), stems(&safe_images));
+        let lonely: Vec<String> = unsafe_stems
+            .symmetric_difference(&safe_stems)
+            .map(|s| match unsafe_stems.contains(s) {
+                true => format!("unsafe/{s}"),
+                false => format!("safe/{s}"),
+            })
+            .collect();
+        if !lonely.is_empty() || unsafe_stems.len() != unsafe_images.len() {
             return Err(DuoError::Invalid(format!(
-                "{}: {} unsafe images but {} safe ones; every unsafe image needs its safe twin",
+                "{}: pairs are matched by file name, and these images have no twin of the same name on the \
+                 other side: {} ({} unsafe, {} safe images)",
                 dir.display(),
+                if lonely.is_empty() {
+                    "a name used twice with two extensions".to_string()
+                } else {
+                    lonely.join(", ")
+                },
                 unsafe_images.len(),
                 safe_images.len()
             )));
         }
+        // every stem has its twin (checked above)
+        let safe_images: Vec<PathBuf> = unsafe_images
+            .iter()
+            .map(|u| safe_images.iter().find(|s| stem(s) == stem(u)).cloned().unwrap_or_default())
+            .collect();
         Ok(Self { unsafe_images, safe_images })
     }
 

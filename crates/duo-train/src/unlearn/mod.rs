@@ -17,7 +17,7 @@ use clap::Args;
 use duo_core::device::{BackendTask, DeviceChoice, FloatType, dispatch};
 use duo_core::eval::Judge;
 use duo_core::lora::{LoraFormat, LoraNetworks, save_lora};
-use duo_core::pipelines::{StableDiffusion, save_png, tensor_to_rgb8};
+use duo_core::pipelines::{StableDiffusion, save_image, tensor_to_rgb8};
 use duo_core::run_config::{RUN_CONFIG_FILE, RunConfig};
 use duo_core::{DuoError, ModelFolder, Result};
 use indicatif::{ProgressBar, ProgressStyle};
@@ -248,7 +248,7 @@ fn before_after_grid<B: Backend>(
             }
         }
     }
-    save_png(&canvas, path)
+    save_image(&canvas, path)
 }
 
 fn write_reports(config: &DuoConfig, out: &Path, e: Evaluation, timings: serde_json::Value) -> Result<()> {

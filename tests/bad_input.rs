@@ -1,0 +1,224 @@
+//! Bad input, as a new user hands it over: every row builds one broken input from the tiny fixtures,
+//! runs the command, and expects a failure whose message names the problem (never a panic, never a
+//! NaN image written with exit 0).
+
+mod common;
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use burn::tensor::TensorData;
+use common::fixtures;
+use duo_core::tensor_file::{TensorFile, write_tensor_file, write_tensor_file_with_metadata};
+
+fn tmp(name: &str) -> PathBuf {
+    let dir = std::env::temp_dir().join(format!("duo-bad-input-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    dir.join(name)
+}
+
+/// `duo-train --device cpu sample --prompt x --steps 2` on `model` with `extra` flags.
+fn sample(model: &Path, extra: &[&str]) -> std::process::Output {
+    Command::new(env!("CARGO_BIN_EXE_duo-train"))
+        .args([
+            "--device",
+            "cpu",
+            "sample",
+            "--prompt",
+            "x",
+            "--steps",
+            "2",
+            "--scheduler",
+            "ddim",
+            "--model",
+        ])
+        .arg(model)
+        .args(extra)
+        .output()
+        .unwrap()
+}
+
+/// A copy of sd1-tiny whose UNet file has `key` replaced by `value`.
+fn model_with_unet_tensor(name: &str, key: &str, value: impl Fn(&TensorData) -> TensorData) -> PathBuf {
+    let model = tmp(name);
+    copy_dir(&fixtures().join("models/sd1-tiny"), &model);
+    let file = model.join("unet/diffusion_pytorch_model.safetensors");
+    let stored = TensorFile::read(&file).unwrap();
+    let tensors: Vec<(String, TensorData)> = stored
+        .names()
+        .map(|k| {
+            let data = stored.get(k).unwrap();
+            (k.to_string(), if k == key { value(data) } else { data.clone() })
+        })
+        .collect();
+    let named: Vec<(&str, TensorData)> = tensors.iter().map(|(k, v)| (k.as_str(), v.clone())).collect();
+    write_tensor_file(&file, &named).unwrap();
+    model
+}
+
+fn copy_dir(from: &Path, to: &Path) {
+    std::fs::create_dir_all(to).unwrap();
+    for entry in std::fs::read_dir(from).unwrap() {
+        let entry = entry.unwrap();
+        let target = to.join(entry.file_name());
+        if entry.file_type().unwrap().is_dir() {
+            copy_dir(&entry.path(), &target);
+        } else {
+            std::fs::copy(entry.path(), &target).unwrap();
+        }
+    }
+}
+
+/// The fixture's PEFT LoRA with `key`'s tensor replaced.
+fn lora_with(name: &str, key_part: &str, value: impl Fn(&TensorData) -> TensorData) -> PathBuf {
+    let source = TensorFile::read(&fixtures().join("lora/sd1-tiny/peft-nometa.safetensors")).unwrap();
+    let mut done = false;
+    let tensors: Vec<(String, TensorData)> = source
+        .names()
+        .map(|k| {
+            let data = source.get(k).unwrap();
+            let replace = !done && k.contains(key_part);
+            done |= replace;
+            (k.to_string(), if replace { value(data) } else { data.clone() })
+        })
+        .collect();
+    assert!(done, "no key with {key_part}");
+    let file = tmp(name);
+    let named: Vec<(&str, TensorData)> = tensors.iter().map(|(k, v)| (k.as_str(), v.clone())).collect();
+    write_tensor_file_with_metadata(&file, &named, Default::default()).unwrap();
+    file
+}
+
+fn filled(data: &TensorData, value: f32) -> TensorData {
+    TensorData::new(vec![value; data.num_elements()], data.shape.clone())
+}
+
+#[test]
+fn every_bad_input_is_a_named_error() {
+    let model = fixtures().join("models/sd1-tiny");
+    let out = tmp("never.png");
+    let out_arg = out.to_str().unwrap().to_string();
+    let nan_weights = model_with_unet_tensor("nan-model", "conv_in.bias", |d| filled(d, f32::NAN));
+    let int_weights = model_with_unet_tensor("int-model", "conv_in.bias", |d| {
+        TensorData::new(vec![1i64; d.num_elements()], d.shape.clone())
+    });
+    let nan_lora = lora_with("nan-lora.safetensors", "lora_A", |d| filled(d, f32::NAN));
+    let int_lora = lora_with("int-lora.safetensors", "lora_B", |d| {
+        TensorData::new(vec![1i32; d.num_elements()], d.shape.clone())
+    });
+    // finite, but far too large: the latents overflow while sampling
+    let huge_lora = lora_with("huge-lora.safetensors", "lora_B", |d| filled(d, 3e38));
+    let lora = |file: &Path| format!("{}:1", file.display());
+
+    let rows: Vec<(&str, PathBuf, Vec<String>, Vec<&str>)> = vec![
+        (
+            "guidance NaN",
+            model.clone(),
+            vec!["--guidance".into(), "nan".into()],
+            vec!["guidance scale NaN", "not a finite"],
+        ),
+        (
+            "guidance ∞",
+            model.clone(),
+            vec!["--guidance".into(), "inf".into()],
+            vec!["guidance scale inf", "not a finite"],
+        ),
+        (
+            "absurd size",
+            model.clone(),
+            vec!["--width".into(), "4000000".into(), "--height".into(), "4000000".into()],
+            vec!["4000000×4000000", "is over"],
+        ),
+        (
+            "unknown image format",
+            model.clone(),
+            vec!["--out".into(), tmp("x.gif").display().to_string()],
+            vec!["x.gif", ".png or .jpg"],
+        ),
+        ("NaN weights", nan_weights, vec![], vec!["conv_in.bias", "NaN or infinite"]),
+        ("integer weights", int_weights, vec![], vec!["conv_in.bias", "stored as I64"]),
+        (
+            "NaN LoRA",
+            model.clone(),
+            vec!["--lora".into(), lora(&nan_lora)],
+            vec!["lora_A.weight", "NaN or infinite"],
+        ),
+        (
+            "integer LoRA",
+            model.clone(),
+            vec!["--lora".into(), lora(&int_lora)],
+            vec!["lora_B.weight", "stored as I32"],
+        ),
+        (
+            "overflowing LoRA",
+            model.clone(),
+            vec!["--lora".into(), lora(&huge_lora)],
+            vec!["non-finite", "at step 1 of 2"],
+        ),
+    ];
+    let mut failures = Vec::new();
+    for (what, model, flags, words) in rows {
+        let mut flags: Vec<&str> = flags.iter().map(String::as_str).collect();
+        if !flags.contains(&"--out") {
+            flags.extend(["--out", out_arg.as_str()]);
+        }
+        let output = sample(&model, &flags);
+        let stderr = String::from_utf8_lossy(&output.stderr);
+        let panicked = stderr.contains("panicked") || output.status.code().is_none();
+        if output.status.success() || panicked || !words.iter().all(|w| stderr.contains(w)) {
+            failures
+                .push(format!("{what}: exit {:?}, expected {words:?} in:\n{stderr}", output.status.code()));
+        }
+    }
+    assert!(failures.is_empty(), "{}", failures.join("\n\n"));
+    assert!(!out.exists(), "a failed run writes no image");
+}
+
+/// A prompt past the text encoder's 77 tokens is cut, as diffusers cuts it, with a warning that says
+/// how many tokens were dropped.
+#[test]
+fn a_long_prompt_is_cut_with_a_warning() {
+    let prompt = vec!["cat"; 100].join(" ");
+    let out = tmp("long.png");
+    let output = Command::new(env!("CARGO_BIN_EXE_duo-train"))
+        .args(["--device", "cpu", "sample", "--steps", "1", "--prompt", &prompt, "--out"])
+        .arg(&out)
+        .arg("--model")
+        .arg(fixtures().join("models/sd1-tiny"))
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(output.status.success(), "{stderr}");
+    let tokenizer =
+        duo_core::tokenizer::ClipTokenizer::from_folder(&fixtures().join("models/sd1-tiny/tokenizer"))
+            .unwrap();
+    let tokens = tokenizer.encode(&prompt).len();
+    assert!(tokens > 77, "{tokens}");
+    let words = [format!("{tokens} tokens long"), format!("the last {} are dropped", tokens - 77)];
+    assert!(words.iter().all(|w| stderr.contains(w.as_str())), "{stderr}");
+}
+
+#[test]
+fn command_line_mistakes_are_named() {
+    // a device index the CPU backend does not have
+    let output = Command::new(env!("CARGO_BIN_EXE_duo-train"))
+        .args(["--device", "cpu:1", "sample", "--prompt", "x", "--out", "x.png"])
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(!output.status.success() && stderr.contains("takes no index"), "{stderr}");
+
+    // a mistyped --set names the flag, not the file
+    let config = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../configs/toy-cross.toml");
+    let output = Command::new(env!("CARGO_BIN_EXE_duo-train"))
+        .args(["train", "--set", "duo.betaa=3", "--config"])
+        .arg(&config)
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(
+        !output.status.success() && stderr.contains("--set duo.betaa=3: unknown key `duo.betaa`"),
+        "{stderr}"
+    );
+    assert!(!stderr.contains("toy-cross.toml: unknown"), "{stderr}");
+}
