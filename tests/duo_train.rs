@@ -160,6 +160,43 @@ fn a_resumed_run_ends_in_the_same_state_as_an_uninterrupted_one() {
     assert!(text(&resume(&parts, &["training.steps=9"])).contains("complete"));
 }
 
+/// A latest checkpoint that cannot be read (truncated model record, optimizer state overwritten with
+/// random bytes) is named and passed over: the run resumes from the one before and still ends where an
+/// uninterrupted run ends.
+#[test]
+fn a_corrupt_latest_checkpoint_falls_back_to_the_previous_one() {
+    let dir = tmp("corrupt-checkpoint");
+    write_pairs(&dir.join("pairs"), 3);
+    let sets =
+        ["training.checkpoint_every=2", "duo.base_lr=0.01", "training.batch_size=2", "training.steps=6"];
+    let whole = dir.join("whole");
+    assert_success(&train(&whole, &dir.join("pairs"), &sets));
+    type Damage = fn(Vec<u8>) -> Vec<u8>;
+    let truncated: Damage = |bytes| bytes[..bytes.len() / 2].to_vec();
+    let random: Damage = |bytes| (0..bytes.len()).map(|i| (i * 7919 % 251) as u8).collect();
+    for (name, damage) in [("truncated", truncated), ("random", random)] {
+        let run = dir.join(name);
+        assert_success(&train(&run, &dir.join("pairs"), &sets));
+        let kind = if name == "truncated" { "model" } else { "optim" };
+        let file = run.join(format!("checkpoint/{kind}-3.mpk"));
+        std::fs::write(&file, damage(std::fs::read(&file).unwrap())).unwrap();
+        std::fs::remove_file(run.join("lora.safetensors")).unwrap();
+        let output = resume(&run, &[]);
+        assert_success(&output);
+        let log = text(&output);
+        assert!(
+            log.contains("checkpoint 3 cannot be read") && log.contains("resuming from checkpoint 2"),
+            "{log}"
+        );
+        let read =
+            |dir: &Path| duo_core::tensor_file::TensorFile::read(&dir.join("lora.safetensors")).unwrap();
+        let (a, b) = (read(&whole), read(&run));
+        for key in a.names() {
+            assert_eq!(a.get(key).unwrap(), b.get(key).unwrap(), "{name}: {key}");
+        }
+    }
+}
+
 #[test]
 fn gradient_checkpointing_trains_the_same_adapters() {
     let dir = tmp("gradient-checkpointing");

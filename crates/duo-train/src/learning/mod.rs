@@ -20,7 +20,7 @@ use burn::data::dataloader::DataLoader;
 use burn::lr_scheduler::LrScheduler;
 use burn::module::AutodiffModule;
 use burn::prelude::*;
-use burn::record::FileRecorder;
+use burn::record::{FileRecorder, Recorder};
 use burn::tensor::Transaction;
 use burn::tensor::backend::AutodiffBackend;
 use burn::train::checkpoint::KeepLastNCheckpoints;
@@ -279,18 +279,40 @@ impl MetricLogger for ResumedMetricLogger {
 
 /// The newest epoch with all three checkpoint files (model, optimizer, scheduler) in `dir/checkpoint`.
 pub fn latest_checkpoint<B: Backend>(dir: &Path) -> Option<usize> {
-    let checkpoints = dir.join("checkpoint");
+    checkpoints::<B>(dir).into_iter().rev().find(|&epoch| unreadable_file::<B>(dir, epoch).is_none())
+}
+
+/// Every epoch with a model file in `dir/checkpoint`, in order.
+fn checkpoints<B: Backend>(dir: &Path) -> Vec<usize> {
     let extension = <AtomicRecorder as FileRecorder<B>>::file_extension();
-    let entries = std::fs::read_dir(&checkpoints).ok()?;
-    entries
+    let Ok(entries) = std::fs::read_dir(dir.join("checkpoint")) else { return Vec::new() };
+    let mut epochs: Vec<usize> = entries
         .filter_map(|e| e.ok()?.file_name().into_string().ok())
         .filter_map(|name| name.strip_prefix("model-")?.strip_suffix(&format!(".{extension}"))?.parse().ok())
-        .filter(|epoch: &usize| {
-            ["optim", "scheduler"]
-                .iter()
-                .all(|kind| checkpoints.join(format!("{kind}-{epoch}.{extension}")).is_file())
-        })
-        .max()
+        .collect();
+    epochs.sort_unstable();
+    epochs
+}
+
+/// The first of checkpoint `epoch`'s files (model, optimizer, scheduler) that is missing or is not
+/// one whole MessagePack value (truncated by a full disk, overwritten), with the reason.
+fn unreadable_file<B: Backend>(dir: &Path, epoch: usize) -> Option<(PathBuf, String)> {
+    let extension = <AtomicRecorder as FileRecorder<B>>::file_extension();
+    ["model", "optim", "scheduler"].into_iter().find_map(|kind| {
+        let path = dir.join("checkpoint").join(format!("{kind}-{epoch}.{extension}"));
+        let bytes = match std::fs::read(&path) {
+            Ok(bytes) => bytes,
+            Err(e) => return Some((path, e.to_string())),
+        };
+        let mut decoder = rmp_serde::Deserializer::new(&bytes[..]);
+        match <serde::de::IgnoredAny as serde::Deserialize>::deserialize(&mut decoder) {
+            Err(e) => Some((path, e.to_string())),
+            Ok(_) if !decoder.into_inner().is_empty() => {
+                Some((path, "trailing bytes after the record".into()))
+            }
+            Ok(_) => None,
+        }
+    })
 }
 
 /// One stage's launch settings.
@@ -318,6 +340,43 @@ pub struct StageResult<M> {
 }
 
 impl Stage<'_> {
+    /// The checkpoint to resume from: the latest readable one ([`latest_checkpoint`]), newer
+    /// unreadable ones reported by name; its records are loaded once here, so that a record of the
+    /// wrong structure is a named error rather than a panic inside burn-train.
+    fn resume_checkpoint<B, M, O>(&self, model: &M, _optimizer: &O) -> Result<Option<usize>>
+    where
+        B: AutodiffBackend,
+        M: AutodiffModule<B>,
+        O: burn::optim::Optimizer<M, B>,
+    {
+        let resume = latest_checkpoint::<B>(&self.dir);
+        for epoch in checkpoints::<B>(&self.dir).into_iter().filter(|&e| Some(e) > resume) {
+            if let Some((file, reason)) = unreadable_file::<B>(&self.dir, epoch) {
+                let from = resume.map_or("the start".to_string(), |k| format!("checkpoint {k}"));
+                eprintln!(
+                    "[{}] checkpoint {epoch} cannot be read ({}: {reason}); resuming from {from}",
+                    self.name,
+                    file.display()
+                );
+            }
+        }
+        let Some(epoch) = resume else { return Ok(None) };
+        let device = model.devices().into_iter().next().unwrap_or_default();
+        let file = |kind: &str| self.dir.join("checkpoint").join(format!("{kind}-{epoch}"));
+        let recorder = AtomicRecorder;
+        let named = |e: burn::record::RecorderError| {
+            DuoError::Invalid(format!(
+                "checkpoint {epoch} in {} does not fit this run ({e}); was it written by another config?",
+                self.dir.join("checkpoint").display()
+            ))
+        };
+        Recorder::<B>::load::<M::Record>(&recorder, file("model"), &device).map_err(named)?;
+        Recorder::<B>::load::<O::Record>(&recorder, file("optim"), &device).map_err(named)?;
+        Recorder::<B>::load::<<WarmupLr as LrScheduler>::Record<B>>(&recorder, file("scheduler"), &device)
+            .map_err(named)?;
+        Ok(Some(epoch))
+    }
+
     /// Trains `model` from the latest checkpoint in `dir` (or from scratch), to `schedule.steps`.
     pub fn run<B, M>(
         &self,
@@ -332,7 +391,8 @@ impl Stage<'_> {
     {
         let s = &self.schedule;
         let epochs = s.epochs();
-        let resume = latest_checkpoint::<B>(&self.dir);
+        let optimizer = duo_core::objective::adamw(s.weight_decay).init::<B, M>();
+        let resume = self.resume_checkpoint(&model, &optimizer)?;
         match resume {
             Some(k) if k >= epochs => {
                 println!("[{}] complete: loading checkpoint {k} (step {})", self.name, k * s.checkpoint_every)
@@ -340,7 +400,6 @@ impl Stage<'_> {
             Some(k) => println!("[{}] resuming after step {}", self.name, k * s.checkpoint_every),
             None => println!("[{}] training {} steps of {} samples", self.name, s.steps, s.batch_size),
         }
-        let optimizer = duo_core::objective::adamw(s.weight_decay).init::<B, M>();
         let mut training = SupervisedTraining::new(&self.dir, train, valid)
             .with_file_checkpointer(AtomicRecorder)
             .with_checkpointing_strategy(KeepLastNCheckpoints::new(2))
