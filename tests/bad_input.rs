@@ -109,6 +109,15 @@ fn every_bad_input_is_a_named_error() {
     // finite, but far too large: the latents overflow while sampling
     let huge_lora = lora_with("huge-lora.safetensors", "lora_B", |d| filled(d, 3e38));
     let lora = |file: &Path| format!("{}:1", file.display());
+    // a weight file cut short, as a failed download leaves it
+    let truncated = tmp("truncated-model");
+    copy_dir(&model, &truncated);
+    let unet_file = truncated.join("unet/diffusion_pytorch_model.safetensors");
+    let bytes = std::fs::read(&unet_file).unwrap();
+    std::fs::write(&unet_file, &bytes[..bytes.len() / 2]).unwrap();
+    let init_image = tmp("init.png");
+    image::RgbImage::new(16, 16).save(&init_image).unwrap();
+    let init = init_image.display().to_string();
 
     let rows: Vec<(&str, PathBuf, Vec<String>, Vec<&str>)> = vec![
         (
@@ -155,6 +164,20 @@ fn every_bad_input_is_a_named_error() {
             vec!["--lora".into(), lora(&huge_lora)],
             vec!["non-finite", "at step 1 of 2"],
         ),
+        ("truncated weights", truncated, vec![], vec!["diffusion_pytorch_model.safetensors"]),
+        ("eta NaN", model.clone(), vec!["--eta".into(), "nan".into()], vec!["eta=NaN", "finite"]),
+        (
+            "strength NaN",
+            model.clone(),
+            vec!["--init-image".into(), init.clone(), "--strength".into(), "nan".into()],
+            vec!["strength NaN", "outside [0, 1]"],
+        ),
+        (
+            "strength 2",
+            model.clone(),
+            vec!["--init-image".into(), init, "--strength".into(), "2".into()],
+            vec!["strength 2"],
+        ),
     ];
     let mut failures = Vec::new();
     for (what, model, flags, words) in rows {
@@ -172,6 +195,15 @@ fn every_bad_input_is_a_named_error() {
     }
     assert!(failures.is_empty(), "{}", failures.join("\n\n"));
     assert!(!out.exists(), "a failed run writes no image");
+}
+
+/// `--out` decides the format: a .jpg is a JPEG.
+#[test]
+fn the_output_format_follows_the_extension() {
+    let out = tmp("image.jpg");
+    let output = sample(&fixtures().join("models/sd1-tiny"), &["--out", out.to_str().unwrap()]);
+    assert!(output.status.success(), "{}", String::from_utf8_lossy(&output.stderr));
+    assert_eq!(&std::fs::read(&out).unwrap()[..3], &[0xFF, 0xD8, 0xFF], "JPEG magic bytes");
 }
 
 /// A prompt past the text encoder's 77 tokens is cut, as diffusers cuts it, with a warning that says
