@@ -99,12 +99,13 @@ fn every_bad_input_is_a_named_error() {
     let out = tmp("never.png");
     let out_arg = out.to_str().unwrap().to_string();
     let nan_weights = model_with_unet_tensor("nan-model", "conv_in.bias", |d| filled(d, f32::NAN));
+    // integers beyond f32's exact range (2^24): no lossless conversion
     let int_weights = model_with_unet_tensor("int-model", "conv_in.bias", |d| {
-        TensorData::new(vec![1i64; d.num_elements()], d.shape.clone())
+        TensorData::new(vec![1i64 << 40; d.num_elements()], d.shape.clone())
     });
     let nan_lora = lora_with("nan-lora.safetensors", "lora_A", |d| filled(d, f32::NAN));
     let int_lora = lora_with("int-lora.safetensors", "lora_B", |d| {
-        TensorData::new(vec![1i32; d.num_elements()], d.shape.clone())
+        TensorData::new(vec![1i32 << 30; d.num_elements()], d.shape.clone())
     });
     // finite, but far too large: the latents overflow while sampling
     let huge_lora = lora_with("huge-lora.safetensors", "lora_B", |d| filled(d, 3e38));
@@ -145,7 +146,7 @@ fn every_bad_input_is_a_named_error() {
             vec!["x.gif", ".png or .jpg"],
         ),
         ("NaN weights", nan_weights, vec![], vec!["conv_in.bias", "NaN or infinite"]),
-        ("integer weights", int_weights, vec![], vec!["conv_in.bias", "stored as I64"]),
+        ("integer weights", int_weights, vec![], vec!["conv_in.bias", "stored as I64", "no exact f32"]),
         (
             "NaN LoRA",
             model.clone(),
@@ -156,7 +157,7 @@ fn every_bad_input_is_a_named_error() {
             "integer LoRA",
             model.clone(),
             vec!["--lora".into(), lora(&int_lora)],
-            vec!["lora_B.weight", "stored as I32"],
+            vec!["lora_B.weight", "stored as I32", "no exact f32"],
         ),
         (
             "overflowing LoRA",
@@ -195,6 +196,32 @@ fn every_bad_input_is_a_named_error() {
     }
     assert!(failures.is_empty(), "{}", failures.join("\n\n"));
     assert!(!out.exists(), "a failed run writes no image");
+}
+
+/// Integer weights whose values f32 holds exactly are converted, as a float64 file is read: the
+/// image equals the one from the same values stored as floats.
+#[test]
+fn small_integer_weights_load_as_floats() {
+    let as_ints = model_with_unet_tensor("small-int-model", "conv_in.bias", |d| {
+        TensorData::new(
+            (0..d.num_elements() as i64).map(|i| i % 3 - 1).collect::<Vec<i64>>(),
+            d.shape.clone(),
+        )
+    });
+    let as_floats = model_with_unet_tensor("small-float-model", "conv_in.bias", |d| {
+        TensorData::new(
+            (0..d.num_elements() as i64).map(|i| (i % 3 - 1) as f32).collect::<Vec<f32>>(),
+            d.shape.clone(),
+        )
+    });
+    let image = |model: &Path, name: &str| {
+        let (png, tensor) = (tmp(&format!("{name}.png")), tmp(&format!("{name}.safetensors")));
+        let output =
+            sample(model, &["--out", png.to_str().unwrap(), "--save-tensor", tensor.to_str().unwrap()]);
+        assert!(output.status.success(), "{name}: {}", String::from_utf8_lossy(&output.stderr));
+        TensorFile::read(&tensor).unwrap().get("image").unwrap().clone()
+    };
+    assert_eq!(image(&as_ints, "ints"), image(&as_floats, "floats"));
 }
 
 /// `--out` decides the format: a .jpg is a JPEG.

@@ -173,15 +173,27 @@ pub fn load_snapshots<B: Backend, M: Module<B>>(
     let remapper = KeyRemapper::from_patterns(remaps.to_vec())
         .map_err(|e| DuoError::Invalid(format!("bad key remap pattern: {e}")))?;
     let (snapshots, _) = remapper.remap(snapshots);
-    // an integer tensor where a weight belongs would crash the backend (it is no float weight)
-    if let Some(s) =
-        snapshots.iter().find(|s| !ignored.contains(&s.full_path().as_str()) && !is_float(s.dtype))
-    {
-        return Err(DuoError::weights(
-            file,
-            format!("`{}` is stored as {:?}: weights are floating-point tensors", s.full_path(), s.dtype),
-        ));
-    }
+    // an integer tensor where a weight belongs would crash the backend: converted where f32 holds
+    // its values exactly, refused otherwise
+    let snapshots = snapshots
+        .into_iter()
+        .map(|s| match ignored.contains(&s.full_path().as_str()) || is_float(s.dtype) {
+            true => Ok(s),
+            false => {
+                let data =
+                    s.to_data().map_err(|e| DuoError::weights(file, format!("`{}`: {e}", s.full_path())))?;
+                let data = exact_f32(data)
+                    .map_err(|why| DuoError::weights(file, format!("`{}` {why}", s.full_path())))?;
+                let (path, container) = (s.path_stack.clone().unwrap_or_default(), s.container_stack.clone());
+                Ok(TensorSnapshot::from_data(
+                    data,
+                    path,
+                    container.unwrap_or_default(),
+                    s.tensor_id.unwrap_or_default(),
+                ))
+            }
+        })
+        .collect::<Result<Vec<_>>>()?;
     let adapter = PyTorchToBurnAdapter.chain(CastAdapter(dtype));
     let result = module.apply(snapshots, None, Some(Box::new(adapter)), false);
 
@@ -221,6 +233,19 @@ pub fn load_snapshots<B: Backend, M: Module<B>>(
     }
     check_finite(&module, file)?;
     Ok(module)
+}
+
+/// An integer tensor as f32 when every value is exact in f32 (|v| ≤ 2^24), or why not: how the
+/// model and LoRA loaders treat weights stored as integers.
+pub fn exact_f32(data: TensorData) -> std::result::Result<TensorData, String> {
+    let (dtype, shape) = (data.dtype, data.shape.clone());
+    let values = data.convert::<f64>().into_vec::<f64>().map_err(|e| format!("is unreadable: {e:?}"))?;
+    match values.iter().find(|v| v.abs() > (1u64 << 24) as f64) {
+        Some(v) => Err(format!(
+            "is stored as {dtype:?}, and its value {v} has no exact f32; weights are floating-point tensors"
+        )),
+        None => Ok(TensorData::new(values.into_iter().map(|v| v as f32).collect::<Vec<f32>>(), shape)),
+    }
 }
 
 /// f64, f32, f16 and bf16: the dtypes a weight may be stored in (read as the run's dtype).

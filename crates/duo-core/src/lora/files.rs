@@ -272,14 +272,12 @@ fn read_pair(
 ) -> Result<(TensorData, TensorData)> {
     // (the factor as 4-D, and its shape as stored, for messages)
     let read = |key: &str| -> Result<(TensorData, Vec<usize>)> {
-        let stored = tensors.get(key)?;
-        if !crate::weights::is_float(stored.dtype) {
-            return Err(DuoError::weights(
-                tensors.path(),
-                format!("`{key}` is stored as {:?}: LoRA factors are floating-point tensors", stored.dtype),
-            ));
-        }
-        let mut data = stored.clone().convert::<f32>();
+        let stored = tensors.get(key)?.clone();
+        let mut data = match crate::weights::is_float(stored.dtype) {
+            true => stored.convert::<f32>(),
+            false => crate::weights::exact_f32(stored)
+                .map_err(|why| DuoError::weights(tensors.path(), format!("`{key}` {why}")))?,
+        };
         if data.iter::<f32>().any(|v| !v.is_finite()) {
             return Err(DuoError::weights(tensors.path(), format!("`{key}` holds NaN or infinite values")));
         }
