@@ -8,7 +8,7 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 
 use burn::tensor::TensorData;
-use common::fixtures;
+use common::{copy_dir, fixtures};
 use duo_core::tensor_file::{TensorFile, write_tensor_file, write_tensor_file_with_metadata};
 
 fn tmp(name: &str) -> PathBuf {
@@ -54,19 +54,6 @@ fn model_with_unet_tensor(name: &str, key: &str, value: impl Fn(&TensorData) -> 
     let named: Vec<(&str, TensorData)> = tensors.iter().map(|(k, v)| (k.as_str(), v.clone())).collect();
     write_tensor_file(&file, &named).unwrap();
     model
-}
-
-fn copy_dir(from: &Path, to: &Path) {
-    std::fs::create_dir_all(to).unwrap();
-    for entry in std::fs::read_dir(from).unwrap() {
-        let entry = entry.unwrap();
-        let target = to.join(entry.file_name());
-        if entry.file_type().unwrap().is_dir() {
-            copy_dir(&entry.path(), &target);
-        } else {
-            std::fs::copy(entry.path(), &target).unwrap();
-        }
-    }
 }
 
 /// The fixture's PEFT LoRA with `key`'s tensor replaced.
@@ -255,6 +242,58 @@ fn a_long_prompt_is_cut_with_a_warning() {
     assert!(tokens > 77, "{tokens}");
     let words = [format!("{tokens} tokens long"), format!("the last {} are dropped", tokens - 77)];
     assert!(words.iter().all(|w| stderr.contains(w.as_str())), "{stderr}");
+}
+
+/// Non-finite and out-of-range numbers in the other commands' flags and config keys.
+#[test]
+fn every_command_refuses_non_finite_numbers() {
+    let model = fixtures().join("models/sd1-tiny");
+    let judge = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../models/judge");
+    let config = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../configs/toy-cross.toml");
+    let (model, judge, config) =
+        (model.display().to_string(), judge.display().to_string(), config.display().to_string());
+    let out = tmp("numbers-out").display().to_string();
+    let pairs = |extra: &[&str]| -> Vec<String> {
+        let mut args = vec!["pairs", "--model", &model, "--pairs", "1", "--steps", "2", "--out", &out];
+        args.extend_from_slice(extra);
+        args.into_iter().map(String::from).collect()
+    };
+    let rows: Vec<(&str, Vec<String>, Vec<&str>)> = vec![
+        (
+            "pairs --guidance nan",
+            pairs(&["--judge", "none", "--guidance", "nan"]),
+            vec!["guidance", "not a finite"],
+        ),
+        ("pairs --strength nan", pairs(&["--judge", "none", "--strength", "nan"]), vec!["strength NaN"]),
+        ("pairs --threshold nan", pairs(&["--judge", &judge, "--threshold", "nan"]), vec!["threshold NaN"]),
+        (
+            "train --set duo.beta=nan",
+            ["train", "--config", &config, "--set", "duo.beta=nan"].map(String::from).to_vec(),
+            vec!["duo.beta = NaN", "must be positive"],
+        ),
+        (
+            "unlearn --set pairs.strength=inf",
+            ["unlearn", "--config", &config, "--set", "pairs.strength=inf", "--out", &out]
+                .map(String::from)
+                .to_vec(),
+            vec!["pairs.strength = inf"],
+        ),
+    ];
+    let mut failures = Vec::new();
+    for (what, args, words) in rows {
+        let output = Command::new(env!("CARGO_BIN_EXE_duo-train"))
+            .args(["--device", "cpu"])
+            .args(&args)
+            .output()
+            .unwrap();
+        let stderr = String::from_utf8_lossy(&output.stderr);
+        let panicked = stderr.contains("panicked") || output.status.code().is_none();
+        if output.status.success() || panicked || !words.iter().all(|w| stderr.contains(w)) {
+            failures
+                .push(format!("{what}: exit {:?}, expected {words:?} in:\n{stderr}", output.status.code()));
+        }
+    }
+    assert!(failures.is_empty(), "{}", failures.join("\n\n"));
 }
 
 #[test]

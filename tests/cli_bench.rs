@@ -166,6 +166,14 @@ fn quality_writes_figures_gates_and_grid() {
         command.arg("--judge").arg(root().join("models/judge")).arg("--out").arg(&out);
         command.output().unwrap()
     };
+    // a non-finite guidance is refused before anything is judged
+    let output = quality(&["--seeds", "1", "--steps", "1", "--guidance", "inf"]);
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(
+        !output.status.success() && stderr.contains("guidance scale inf is not a finite number"),
+        "{stderr}"
+    );
+
     let output = quality(&["--seeds", "2", "--steps", "2", "--batch", "7"]);
     let stdout = String::from_utf8_lossy(&output.stdout);
     assert!(output.status.success(), "{stdout}\n{}", String::from_utf8_lossy(&output.stderr));

@@ -30,22 +30,24 @@ pub fn assert_close(what: &str, actual: &TensorData, expected: &TensorData, tole
     assert!(err <= tolerance, "{what}: relative max error {err:.3e} > {tolerance:.0e}");
 }
 
+/// Copies the folder `from` to `to`, recursively.
+pub fn copy_dir(from: &Path, to: &Path) {
+    std::fs::create_dir_all(to).unwrap();
+    for entry in std::fs::read_dir(from).unwrap() {
+        let entry = entry.unwrap();
+        let path = to.join(entry.file_name());
+        if entry.file_type().unwrap().is_dir() {
+            copy_dir(&entry.path(), &path);
+        } else {
+            std::fs::copy(entry.path(), &path).unwrap();
+        }
+    }
+}
+
 /// A copy of the sd1-tiny fixture at `target` whose UNet `sample_size` is 16: it draws 32×32
 /// images, the toy concept judge's size.
 pub fn sd1_tiny_at_judge_size(target: &Path) {
-    fn copy(from: &Path, to: &Path) {
-        std::fs::create_dir_all(to).unwrap();
-        for entry in std::fs::read_dir(from).unwrap() {
-            let entry = entry.unwrap();
-            let path = to.join(entry.file_name());
-            if entry.file_type().unwrap().is_dir() {
-                copy(&entry.path(), &path);
-            } else {
-                std::fs::copy(entry.path(), &path).unwrap();
-            }
-        }
-    }
-    copy(&fixtures().join("models/sd1-tiny"), target);
+    copy_dir(&fixtures().join("models/sd1-tiny"), target);
     let config_path = target.join("unet/config.json");
     let mut config: serde_json::Value =
         serde_json::from_str(&std::fs::read_to_string(&config_path).unwrap()).unwrap();

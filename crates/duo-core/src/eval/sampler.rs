@@ -51,9 +51,6 @@ impl<'a, B: Backend> SeededSampler<'a, B> {
         if batch == 0 {
             return Err(DuoError::Invalid("the sampling batch must be at least 1 image".into()));
         }
-        if !guidance.is_finite() {
-            return Err(DuoError::Invalid(format!("guidance must be a finite number, got {guidance}")));
-        }
         Ok(Self { sd, scheduler, guidance, batch })
     }
 
