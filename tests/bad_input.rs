@@ -1,8 +1,13 @@
-//! Bad input, as a new user hands it over: every row builds one broken input from the tiny fixtures,
-//! runs the command, and expects a failure whose message names the problem (never a panic, never a
-//! NaN image written with exit 0).
+//! Bad input, as a new user hands it over: every row builds one broken input from the tiny fixtures
+//! (weights truncated, NaN, of integer dtype; LoRA files likewise; non-finite and absurd numbers on the
+//! flags and config keys; unknown image formats and devices; mistyped `--set`s; pair folders whose
+//! names differ; corrupt checkpoints), runs the command, and expects a failure whose message names the
+//! problem: never a panic, never a NaN image written with exit 0. Bad configs of the learner are in
+//! `tests/duo_train.rs` beside its other checks.
 
 mod common;
+#[path = "common/training.rs"]
+mod training;
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -319,4 +324,54 @@ fn command_line_mistakes_are_named() {
         "{stderr}"
     );
     assert!(!stderr.contains("toy-cross.toml: unknown"), "{stderr}");
+}
+
+/// A latest checkpoint that cannot be read (truncated model record, optimizer state overwritten with
+/// random bytes) is named and passed over: the run resumes from the one before and still ends where an
+/// uninterrupted run ends.
+#[test]
+fn a_corrupt_latest_checkpoint_falls_back_to_the_previous_one() {
+    let dir = training::tmp("corrupt-checkpoint");
+    training::write_pairs(&dir.join("pairs"), 3);
+    let sets =
+        ["training.checkpoint_every=2", "duo.base_lr=0.01", "training.batch_size=2", "training.steps=6"];
+    let whole = dir.join("whole");
+    training::assert_success(&training::train(&whole, &dir.join("pairs"), &sets));
+    type Damage = fn(Vec<u8>) -> Vec<u8>;
+    let truncated: Damage = |bytes| bytes[..bytes.len() / 2].to_vec();
+    let random: Damage = |bytes| (0..bytes.len()).map(|i| (i * 7919 % 251) as u8).collect();
+    for (name, damage) in [("truncated", truncated), ("random", random)] {
+        let run = dir.join(name);
+        training::assert_success(&training::train(&run, &dir.join("pairs"), &sets));
+        let kind = if name == "truncated" { "model" } else { "optim" };
+        let file = run.join(format!("checkpoint/{kind}-3.mpk"));
+        std::fs::write(&file, damage(std::fs::read(&file).unwrap())).unwrap();
+        std::fs::remove_file(run.join("lora.safetensors")).unwrap();
+        let output = training::resume(&run, &[]);
+        training::assert_success(&output);
+        let log = training::text(&output);
+        assert!(
+            log.contains("checkpoint 3 cannot be read") && log.contains("resuming from checkpoint 2"),
+            "{log}"
+        );
+        let read =
+            |dir: &Path| duo_core::tensor_file::TensorFile::read(&dir.join("lora.safetensors")).unwrap();
+        let (a, b) = (read(&whole), read(&run));
+        for key in a.names() {
+            assert_eq!(a.get(key).unwrap(), b.get(key).unwrap(), "{name}: {key}");
+        }
+    }
+}
+
+/// Pairs are matched by file name: a safe twin saved under another name is named, not trained
+/// against the wrong unsafe image.
+#[test]
+fn pair_folders_whose_names_differ_are_named() {
+    let dir = training::tmp("mismatched-pairs");
+    let pairs = dir.join("pairs");
+    training::write_pairs(&pairs, 3);
+    std::fs::rename(pairs.join("safe/02.png"), pairs.join("safe/07.png")).unwrap();
+    let output = training::train(&dir.join("run"), &pairs, &[]);
+    let log = training::text(&output);
+    assert!(!output.status.success() && log.contains("unsafe/02, safe/07"), "{log}");
 }

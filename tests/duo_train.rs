@@ -1,90 +1,14 @@
 //! `duo-train train`, the DUO learner, end to end on the tiny fixture model: it learns the pair
 //! preference, resumes to exactly the uninterrupted state, stops cleanly, and refuses bad input.
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::{Command, Output, Stdio};
 
 mod common;
+#[path = "common/training.rs"]
+mod training;
 
-fn root() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../..")
-}
-
-fn tmp(name: &str) -> PathBuf {
-    let dir = std::env::temp_dir().join(format!("duo-train-test-{}-{name}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&dir);
-    dir
-}
-
-/// `n` pairs of 16×16 images (the tiny model's size): unsafe ones a diagonal stripe on red,
-/// safe ones a vertical stripe on blue, each with its own jitter; and their manifest.
-fn write_pairs(dir: &Path, n: usize) {
-    for (side, index_colour) in [("unsafe", [200u8, 40, 40]), ("safe", [40, 40, 200])] {
-        std::fs::create_dir_all(dir.join(side)).unwrap();
-        for i in 0..n {
-            let image = image::RgbImage::from_fn(16, 16, |x, y| {
-                let on = if side == "unsafe" { x == y || x + y == 15 } else { x == 7 + (i as u32 % 3) };
-                let shade = (i * 13 % 40) as u8;
-                if on {
-                    image::Rgb([240 - shade, 240, 240])
-                } else {
-                    image::Rgb(index_colour.map(|c| c.saturating_add(shade)))
-                }
-            });
-            image.save(dir.join(side).join(format!("{i:02}.png"))).unwrap();
-        }
-    }
-    // the manifest `duo-train pairs` writes: the toy config conditions each pair on its prompt
-    let records: Vec<_> = (0..n)
-        .map(|i| {
-            let prompt = ["a red cross", "a red saltire"][i % 2];
-            serde_json::json!({
-                "index": i, "unsafe_prompt": prompt,
-                "safe_prompt": "a blue plus sign", "unsafe_seed": i, "safe_seed": i,
-                "unsafe_score": null, "safe_score": null, "unsafe_rejects": 0, "safe_rejects": 0,
-            })
-        })
-        .collect();
-    let manifest = serde_json::json!({
-        "concept": "cross", "model": "sd1-tiny", "strength": 0.75, "steps": 2, "guidance": 7.5,
-        "judge": "none", "threshold": 0.5, "pairs": records, "failed": [],
-    });
-    std::fs::write(dir.join("manifest.json"), manifest.to_string()).unwrap();
-}
-
-/// `duo-train train` on the tiny fixture model with the toy config, `sets` on top.
-fn train_command(run_dir: &Path, pairs: &Path, sets: &[&str]) -> Command {
-    let mut command = Command::new(env!("CARGO_BIN_EXE_duo-train"));
-    command.args(["--device", "cpu", "train", "--log-every", "1000"]);
-    command.arg("--set").arg(format!("model={}", root().join("tests/fixtures/models/sd1-tiny").display()));
-    command.arg("--pairs").arg(pairs).arg("--run-dir").arg(run_dir);
-    command.arg("--config").arg(root().join("configs/toy-cross.toml"));
-    for set in sets {
-        command.args(["--set", set]);
-    }
-    command
-}
-
-fn train(run_dir: &Path, pairs: &Path, sets: &[&str]) -> Output {
-    train_command(run_dir, pairs, sets).output().unwrap()
-}
-
-fn resume(run_dir: &Path, sets: &[&str]) -> Output {
-    let mut command = Command::new(env!("CARGO_BIN_EXE_duo-train"));
-    command.args(["--device", "cpu", "train", "--log-every", "1000", "--resume"]).arg(run_dir);
-    for set in sets {
-        command.args(["--set", set]);
-    }
-    command.output().unwrap()
-}
-
-fn text(output: &Output) -> String {
-    format!("{}{}", String::from_utf8_lossy(&output.stdout), String::from_utf8_lossy(&output.stderr))
-}
-
-fn assert_success(output: &Output) {
-    assert!(output.status.success(), "duo-train failed:\n{}", text(output));
-}
+use training::{assert_success, resume, root, text, tmp, train, train_command, write_pairs};
 
 /// The validation metric `name` at checkpoint `epoch`, from burn-train's metric log.
 fn valid_metric(run_dir: &Path, epoch: usize, name: &str) -> f64 {
@@ -158,43 +82,6 @@ fn a_resumed_run_ends_in_the_same_state_as_an_uninterrupted_one() {
     }
     // the latents were encoded once and reused
     assert!(text(&resume(&parts, &["training.steps=9"])).contains("complete"));
-}
-
-/// A latest checkpoint that cannot be read (truncated model record, optimizer state overwritten with
-/// random bytes) is named and passed over: the run resumes from the one before and still ends where an
-/// uninterrupted run ends.
-#[test]
-fn a_corrupt_latest_checkpoint_falls_back_to_the_previous_one() {
-    let dir = tmp("corrupt-checkpoint");
-    write_pairs(&dir.join("pairs"), 3);
-    let sets =
-        ["training.checkpoint_every=2", "duo.base_lr=0.01", "training.batch_size=2", "training.steps=6"];
-    let whole = dir.join("whole");
-    assert_success(&train(&whole, &dir.join("pairs"), &sets));
-    type Damage = fn(Vec<u8>) -> Vec<u8>;
-    let truncated: Damage = |bytes| bytes[..bytes.len() / 2].to_vec();
-    let random: Damage = |bytes| (0..bytes.len()).map(|i| (i * 7919 % 251) as u8).collect();
-    for (name, damage) in [("truncated", truncated), ("random", random)] {
-        let run = dir.join(name);
-        assert_success(&train(&run, &dir.join("pairs"), &sets));
-        let kind = if name == "truncated" { "model" } else { "optim" };
-        let file = run.join(format!("checkpoint/{kind}-3.mpk"));
-        std::fs::write(&file, damage(std::fs::read(&file).unwrap())).unwrap();
-        std::fs::remove_file(run.join("lora.safetensors")).unwrap();
-        let output = resume(&run, &[]);
-        assert_success(&output);
-        let log = text(&output);
-        assert!(
-            log.contains("checkpoint 3 cannot be read") && log.contains("resuming from checkpoint 2"),
-            "{log}"
-        );
-        let read =
-            |dir: &Path| duo_core::tensor_file::TensorFile::read(&dir.join("lora.safetensors")).unwrap();
-        let (a, b) = (read(&whole), read(&run));
-        for key in a.names() {
-            assert_eq!(a.get(key).unwrap(), b.get(key).unwrap(), "{name}: {key}");
-        }
-    }
 }
 
 #[test]
@@ -297,15 +184,9 @@ fn bad_pair_folders_and_configs_are_clear_errors() {
     );
     expect_error(train(&dir.join("r5"), &dir.join("nowhere"), &[]), "nowhere");
 
-    // one safe twin missing, then under another name: pairs are matched by name, not by order
+    // one safe twin missing (mismatched names: tests/bad_input.rs)
     std::fs::remove_file(pairs.join("safe/02.png")).unwrap();
-    expect_error(
-        train(&dir.join("r6"), &pairs, &[]),
-        "no twin of the same name on the other side: unsafe/02",
-    );
-    std::fs::copy(pairs.join("safe/01.png"), pairs.join("safe/07.png")).unwrap();
-    expect_error(train(&dir.join("r6b"), &pairs, &[]), "unsafe/02, safe/07");
-    std::fs::remove_file(pairs.join("safe/07.png")).unwrap();
+    expect_error(train(&dir.join("r6"), &pairs, &[]), "no twin of the same name");
     // a safe twin of another size
     image::RgbImage::new(24, 16).save(pairs.join("safe/02.png")).unwrap();
     expect_error(train(&dir.join("r7"), &pairs, &[]), "02.png");
