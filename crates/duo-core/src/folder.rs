@@ -155,8 +155,8 @@ impl ModelFolder {
     fn configs_hint<T>(&self, result: Result<T>) -> Result<T> {
         result.map_err(|e| {
             DuoError::Invalid(format!(
-                "{e}. The networks were built from the configs in {}; a checkpoint of another size needs its own \
-                 (--config DIR: a diffusers folder of that model, only its JSON and tokenizer files are read)",
+                "{e}. The networks were built from the configs in {}; a checkpoint of another size needs its own configs \
+                 (`sample --config DIR`: a diffusers folder of that model, only its JSON and tokenizer files are read)",
                 self.root.display()
             ))
         })

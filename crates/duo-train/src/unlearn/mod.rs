@@ -58,10 +58,13 @@ pub fn run(args: UnlearnArgs, device: DeviceChoice, float: FloatType) -> Result<
             args.config.display()
         )));
     }
-    if !config.model.join("model_index.json").is_file() && !config.model.join("unet").is_dir() {
+    // a diffusers folder, or a single-file checkpoint (read with the SD 1.x configs)
+    let model = &config.model;
+    if !model.is_file() && !model.join("model_index.json").is_file() && !model.join("unet").is_dir() {
         return Err(DuoError::Invalid(format!(
             "{}: no model folder there. The embedded toy model is made by `duo-train pretrain` \
-             (configs/toy-pretrain.toml, exported to models/toy); for another model set model=DIR",
+             (configs/toy-pretrain.toml, exported to models/toy); for another model set model=DIR (a diffusers \
+             folder) or model=FILE (an SD 1.x single-file checkpoint)",
             config.model.display()
         )));
     }
