@@ -15,7 +15,7 @@ use duo_core::device::{BackendTask, DeviceChoice, FloatType, dispatch};
 use duo_core::eval::{Judge, SeededSampler};
 use duo_core::pipelines::{Generation, NoiseSource, StableDiffusion, save_image_grid};
 use duo_core::schedulers::{Scheduler, SchedulerChoice, SchedulerKind};
-use duo_core::world::{self, Shape};
+use duo_core::world;
 use duo_core::{DuoError, ModelFolder, Result};
 use indicatif::{ProgressBar, ProgressStyle};
 use serde::{Deserialize, Serialize};
@@ -298,11 +298,4 @@ fn prompts(args: &PairsArgs) -> Result<(Vec<String>, Vec<String>)> {
         )));
     }
     Ok((args.unsafe_prompt.clone(), args.safe_prompt.clone()))
-}
-
-pub(crate) fn parse_shape(name: &str) -> Result<Shape> {
-    Shape::from_name(name).ok_or_else(|| {
-        let names: Vec<&str> = Shape::ALL.iter().map(|s| s.name()).collect();
-        DuoError::Invalid(format!("unknown shape {name:?} for --judge-shape (one of {})", names.join(", ")))
-    })
 }

@@ -62,6 +62,14 @@ impl Shape {
         Shape::ALL.into_iter().find(|shape| shape.name() == name)
     }
 
+    /// [`Shape::from_name`], or an error listing the names: `"star": not a toy-world shape (one of …)`.
+    pub fn parse(name: &str) -> std::result::Result<Shape, String> {
+        Shape::from_name(name).ok_or_else(|| {
+            let names: Vec<&str> = Shape::ALL.iter().map(|s| s.name()).collect();
+            format!("{name:?}: not a toy-world shape (one of {})", names.join(", "))
+        })
+    }
+
     /// The canonical word, used by [`super::canonical_prompt`].
     pub fn name(self) -> &'static str {
         self.shared_words()[0]

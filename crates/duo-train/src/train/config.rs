@@ -4,13 +4,13 @@
 use std::path::PathBuf;
 
 use burn::prelude::Backend;
-use duo_core::Result;
 use duo_core::judge::ToyJudge;
 use duo_core::lora::{LoraConfig, LoraTargets};
 use duo_core::objective::{Objective, effective_lambda, effective_lr};
 use duo_core::run_config::RunConfig;
 use duo_core::schedulers::SchedulerChoice;
 use duo_core::world::Shape;
+use duo_core::{DuoError, Result};
 use serde::{Deserialize, Serialize};
 
 use crate::learning::Schedule;
@@ -168,7 +168,7 @@ impl JudgeChoice {
         match self {
             Self::None => Ok(None),
             Self::Folder(dir) => {
-                let shape = crate::pairs::parse_shape(shape)?;
+                let shape = Shape::parse(shape).map_err(|e| DuoError::Invalid(format!("judge shape {e}")))?;
                 ToyJudge::load(dir, shape, threshold, device).map(Some)
             }
         }
@@ -252,10 +252,7 @@ impl DuoConfig {
         ];
         // the shape matters only to a toy judge
         for (key, _, name) in judged.into_iter().filter(|(_, judge, _)| **judge != JudgeChoice::None) {
-            if Shape::from_name(name).is_none() {
-                let names: Vec<&str> = Shape::ALL.iter().map(|s| s.name()).collect();
-                return Err(format!("{key} = {name:?}: not a toy-world shape (one of {})", names.join(", ")));
-            }
+            Shape::parse(name).map_err(|e| format!("{key} = {e}"))?;
         }
         for (key, value) in [("duo.beta", d.beta), ("duo.base_lr", d.base_lr)] {
             if !(value.is_finite() && value > 0.0) {
