@@ -171,3 +171,51 @@ fn gradients_below_the_threshold_are_left_alone() {
     assert_eq!(a, [0.3, 0.0]);
     assert_eq!(b, [0.0, 0.4]);
 }
+
+/// The supervised baseline is the policy's ε-MSE on the winner branch alone: the loser and prior
+/// branches, and the β and λ given, do not enter it.
+#[test]
+fn sft_is_the_winner_branch_mse() {
+    use duo_core::objective::{DuoBatch, duo_unet_loss};
+    use duo_core::pipelines::NoiseSource;
+
+    let device = Default::default();
+    let folder = duo_core::ModelFolder::open(common::fixtures().join("models/sd1-tiny")).unwrap();
+    let unet = folder.unet::<Cpu>(&device).unwrap();
+    let layout = folder.unet_layout().unwrap();
+    let (b, c, d) = (2, layout.config.in_channels, layout.config.cross_attention_dim);
+    let mut noise = NoiseSource::new(7);
+    let mut batch = |loser_seed: u64| {
+        let mut noise_loser = NoiseSource::new(loser_seed);
+        DuoBatch {
+            input: noise.normal::<Cpu, 4>([3 * b, c, 8, 8], &device),
+            timesteps: Tensor::from_data(
+                TensorData::new(vec![100.0f32, 700.0, 300.0, 900.0, 999.0, 999.0], [3 * b]),
+                &device,
+            ),
+            context: noise.normal::<Cpu, 3>([3 * b, 77, d], &device),
+            loser_target: noise_loser.normal::<Cpu, 4>([b, c, 8, 8], &device),
+            winner_target: NoiseSource::new(11).normal::<Cpu, 4>([b, c, 8, 8], &device),
+        }
+    };
+    let batch_a = batch(1);
+    let sft = scalar(duo_unet_loss(&unet, &batch_a, 500.0, 1e7, Objective::Sft).loss);
+    let winner = |x: Tensor<Cpu, 4>| x.narrow(0, b, b);
+    let prediction = unet.forward(
+        winner(batch_a.input.clone()),
+        batch_a.timesteps.clone().narrow(0, b, b),
+        batch_a.context.clone().narrow(0, b, b),
+    );
+    let expected = scalar(per_sample_mse(prediction, batch_a.winner_target.clone()).mean());
+    assert_close("sft loss", sft, expected);
+    // another loser target and other β, λ: the same loss
+    let mut batch_b = batch_a.clone();
+    batch_b.loser_target = batch(2).loser_target;
+    assert_close(
+        "sft loss, other loser",
+        scalar(duo_unet_loss(&unet, &batch_b, 5.0, 0.0, Objective::Sft).loss),
+        sft,
+    );
+    // DUO's loss on the same batch is another number
+    assert!((scalar(duo_unet_loss(&unet, &batch_a, 500.0, 1e7, Objective::Duo).loss) - sft).abs() > 1e-6);
+}

@@ -26,8 +26,8 @@ use burn::tensor::{ElementConversion, FloatDType};
 use crate::lora::disable_lora;
 use crate::models::UNet2DConditionModel;
 
-/// Which preference loss: DUO's, or Diffusion-DPO's for ablations (which also shares t between
-/// winner and loser; that is the caller's sampling).
+/// Which loss: DUO's, Diffusion-DPO's for ablations (which also shares t between winner and
+/// loser; that is the caller's sampling), or the supervised baseline.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 #[serde(rename_all = "kebab-case")]
 pub enum Objective {
@@ -35,6 +35,9 @@ pub enum Objective {
     Duo,
     /// −log σ(−½β·(Δʷ − Δˡ)) (Wallace et al. 2023).
     DiffusionDpo,
+    /// The naive baseline: mean Lθʷ, supervised fine-tuning on the safe twins alone under the
+    /// pair's condition; no preference, no reference and no prior term.
+    Sft,
 }
 
 impl std::fmt::Display for Objective {
@@ -43,6 +46,7 @@ impl std::fmt::Display for Objective {
         f.write_str(match self {
             Self::Duo => "duo",
             Self::DiffusionDpo => "diffusion-dpo",
+            Self::Sft => "sft",
         })
     }
 }
@@ -50,7 +54,7 @@ impl std::fmt::Display for Objective {
 impl Objective {
     fn beta_factor(self) -> f64 {
         match self {
-            Self::Duo => 1.0,
+            Self::Duo | Self::Sft => 1.0,
             Self::DiffusionDpo => 0.5,
         }
     }
@@ -136,6 +140,9 @@ pub fn duo_unet_loss<B: Backend>(
     lambda: f64,
     objective: Objective,
 ) -> DuoLoss<B> {
+    if objective == Objective::Sft {
+        return sft_loss(policy, batch);
+    }
     let forward = || policy.forward(batch.input.clone(), batch.timesteps.clone(), batch.context.clone());
     let reference = {
         let _off = disable_lora(policy);
@@ -160,6 +167,29 @@ pub fn duo_unet_loss<B: Backend>(
 /// One DUO optimizer step, exactly as the learner (`duo-train train`) takes it and `duo-bench perf
 /// --duo-step` times it: the loss of a batch and its gradients ([`DuoStep::gradients`]), then global
 /// gradient-norm clipping and the optimizer ([`DuoStep::update`]).
+/// The supervised baseline on the winner branch alone: only `loss` (and `winner_gap`, the policy's
+/// winner ε-MSE itself) are not zero.
+fn sft_loss<B: Backend>(policy: &UNet2DConditionModel<B>, batch: &DuoBatch<B>) -> DuoLoss<B> {
+    let b = batch.pairs();
+    let winner = |x: &Tensor<B, 4>| x.clone().narrow(0, b, b);
+    let prediction = policy.forward(
+        winner(&batch.input),
+        batch.timesteps.clone().narrow(0, b, b),
+        batch.context.clone().narrow(0, b, b),
+    );
+    let loss = per_sample_mse(prediction, batch.winner_target.clone()).mean();
+    let zero = || loss.zeros_like().detach();
+    DuoLoss {
+        loss: loss.clone(),
+        dpo: zero(),
+        prior: zero(),
+        implicit_accuracy: zero(),
+        reward_margin: zero(),
+        winner_gap: loss.clone().detach(),
+        loser_gap: zero(),
+    }
+}
+
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct DuoStep {
     pub beta: f64,

@@ -275,7 +275,7 @@ impl BatchSource {
         let noise = Tensor::<B, 4>::from_data(TensorData::new(noise, [b, c, h, w]), device);
         let t_loser: Vec<usize> = (0..b).map(|_| rng.random_range(s.t_min..s.t_max)).collect();
         let t_winner: Vec<usize> = match s.objective {
-            Objective::Duo => (0..b).map(|_| rng.random_range(s.t_min..s.t_max)).collect(),
+            Objective::Duo | Objective::Sft => (0..b).map(|_| rng.random_range(s.t_min..s.t_max)).collect(),
             Objective::DiffusionDpo => t_loser.clone(),
         };
         let noisy_loser = self.schedule.add_noise(loser.clone(), noise.clone(), &t_loser);
