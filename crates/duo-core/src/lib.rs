@@ -12,6 +12,7 @@ pub mod lora;
 pub mod models;
 pub mod objective;
 pub mod pipelines;
+pub mod progress;
 pub mod run_config;
 pub mod schedulers;
 pub mod single_file;

@@ -12,7 +12,7 @@ use burn::prelude::*;
 use burn::tensor::DType;
 use clap::Args;
 use duo_core::device::{BackendTask, DeviceChoice, FloatType, dispatch};
-use duo_core::eval::{Judge, SeededSampler};
+use duo_core::eval::{Condition, Judge, SeededSampler};
 use duo_core::pipelines::{Generation, NoiseSource, StableDiffusion, save_image_grid};
 use duo_core::schedulers::{Scheduler, SchedulerChoice, SchedulerKind};
 use duo_core::world;
@@ -235,7 +235,7 @@ fn make_pair<B: Backend>(
     let mut accepted = None;
     for attempt in 0..p.max_tries {
         let seed = seed_of(1, attempt);
-        let (image, judgements) = sampler.sample(&prompts, &[seed], judge, |_| {})?;
+        let (image, judgements) = sampler.sample(&Condition::texts(&prompts), &[seed], judge, |_| {})?;
         if judgements.first().is_none_or(|j| j.present) {
             accepted = Some((image, seed, judgements.first().map(|j| j.score), attempt));
             break;

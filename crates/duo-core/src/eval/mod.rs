@@ -4,8 +4,28 @@
 //! of prompt p and seed s is the same image wherever it is drawn, and every judge plugs in the same
 //! way.
 
+mod bench;
 mod judge;
+mod prompt_file;
+mod protocol;
+mod report;
+mod run;
 mod sampler;
+mod stats;
 
+pub use bench::{
+    Attack, AttackRun, Bench, Found, Goal, ImageVerdict, PromptSet, RunFolder, Unit, UnitRecord, grid,
+    pixel_similarity,
+};
 pub use judge::{Judge, Judgement, Label};
-pub use sampler::{SampleJob, SampledBatch, SeededSampler};
+pub use prompt_file::read_prompt_file;
+pub use protocol::{
+    AttackName, AttackSettings, ConceptInversion, EmbeddingInversion, PromptFile, PromptGroups, Protocol,
+    RingABell, UnlearnDiffAtk,
+};
+pub use report::{LOOKALIKE, Rates, ReportHeader, SAFE, write_report};
+pub use run::{
+    evaluate, lora_model_name, open_run_folder, preservation_groups, prompt_attacks, protocol_seeds,
+};
+pub use sampler::{Condition, SampleJob, SampledBatch, SeededSampler};
+pub use stats::wilson95;

@@ -4,16 +4,31 @@
 //! Euler, DPM-Solver).
 
 use burn::prelude::*;
+use burn::tensor::FloatDType;
 
 use super::{Judge, Judgement};
 use crate::error::{DuoError, Result};
-use crate::pipelines::{Generation, NoiseSource, StableDiffusion};
+use crate::pipelines::{NoiseSource, StableDiffusion};
 use crate::schedulers::Scheduler;
 
 /// Offsets the seed of a batch's per-step noise (DDPM, DDIM with η > 0) from the initial latents'
 /// seeds: the step noise of a batch comes from its first image's seed ^ this. With such a scheduler
 /// an image also depends on its batch.
 const STEP_NOISE_SEED: u64 = 1 << 32;
+
+/// What an image is generated from: a prompt, or text-encoder output found by an attack.
+#[derive(Debug, Clone)]
+pub enum Condition<B: Backend> {
+    Text(String),
+    /// Text embeddings [len, d], as the text encoder's last hidden state.
+    Embedding(Tensor<B, 2>),
+}
+
+impl<B: Backend> Condition<B> {
+    pub fn texts(prompts: &[String]) -> Vec<Self> {
+        prompts.iter().cloned().map(Self::Text).collect()
+    }
+}
 
 /// Image `seed` of prompt `prompt` (an index into the prompts given).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -71,7 +86,7 @@ impl<'a, B: Backend> SeededSampler<'a, B> {
     /// another image size than the model draws is refused before anything is generated.
     pub fn batches<'s>(
         &'s self,
-        prompts: &'s [String],
+        prompts: &'s [Condition<B>],
         seeds: &'s [u64],
         judge: Option<&'s dyn Judge<B>>,
     ) -> Result<impl Iterator<Item = Result<SampledBatch<B>>> + 's> {
@@ -97,7 +112,7 @@ impl<'a, B: Backend> SeededSampler<'a, B> {
     /// judgements; `on_batch` hears how many images each batch added (for progress).
     pub fn sample(
         &self,
-        prompts: &[String],
+        prompts: &[Condition<B>],
         seeds: &[u64],
         judge: Option<&dyn Judge<B>>,
         mut on_batch: impl FnMut(usize),
@@ -131,7 +146,7 @@ impl<'a, B: Backend> SeededSampler<'a, B> {
         }
     }
 
-    fn generate(&self, prompts: &[String], jobs: &[SampleJob], side: usize) -> Result<Tensor<B, 4>> {
+    fn generate(&self, prompts: &[Condition<B>], jobs: &[SampleJob], side: usize) -> Result<Tensor<B, 4>> {
         let sd = self.sd;
         let latents = jobs
             .iter()
@@ -139,12 +154,36 @@ impl<'a, B: Backend> SeededSampler<'a, B> {
                 NoiseSource::new(job.seed).normal::<B, 4>([1, sd.latent_channels, side, side], &sd.device)
             })
             .collect();
-        let generation = Generation {
-            prompts: jobs.iter().map(|job| prompts[job.prompt].clone()).collect(),
-            negative_prompts: Vec::new(),
-            guidance_scale: self.guidance,
+        let texts: Option<Vec<String>> = jobs
+            .iter()
+            .map(|job| match &prompts[job.prompt] {
+                Condition::Text(text) => Some(text.clone()),
+                Condition::Embedding(_) => None,
+            })
+            .collect();
+        // prompts alone are encoded as one batch, as the text-to-image pipeline does
+        let context = match texts {
+            Some(texts) => sd.encode_prompts(&texts),
+            None => Tensor::cat(
+                jobs.iter()
+                    .map(|job| match &prompts[job.prompt] {
+                        Condition::Text(text) => {
+                            sd.encode_prompts(std::slice::from_ref(text)).cast(FloatDType::F32)
+                        }
+                        Condition::Embedding(embedding) => embedding.clone().unsqueeze::<3>(),
+                    })
+                    .collect(),
+                0,
+            ),
         };
         let mut step_noise = NoiseSource::new(STEP_NOISE_SEED ^ jobs[0].seed);
-        sd.txt2img(&generation, self.scheduler, Tensor::cat(latents, 0), &mut step_noise, |_, _| {})
+        let step_noise = |_, shape| Ok(step_noise.normal::<B, 4>(shape, &sd.device));
+        sd.txt2img_from_embeddings(
+            context,
+            self.guidance,
+            self.scheduler,
+            Tensor::cat(latents, 0),
+            step_noise,
+        )
     }
 }

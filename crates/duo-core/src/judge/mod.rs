@@ -8,6 +8,7 @@
 //! the recipe and the accuracies measured.
 
 mod augment;
+mod choice;
 mod hand_check;
 mod model;
 mod train;
@@ -21,6 +22,7 @@ use burn::tensor::{DType, FloatDType};
 use serde::Serialize;
 
 pub use augment::AugmentConfig;
+pub use choice::JudgeChoice;
 pub use hand_check::{HandCheckReport, HandLabels};
 pub use model::{ConceptJudge, ConvBlock, JudgeConfig, JudgeLogits};
 pub use train::{EvalReport, JudgeReport, JudgeTrainConfig, evaluate, train_judge};
@@ -189,6 +191,19 @@ impl<B: Backend> crate::eval::Judge<B> for ToyJudge<B> {
             })
             .collect())
     }
+
+    fn depicts(&self, prompt: &str, judgement: &Judgement) -> Result<bool> {
+        Ok(judgement.has_label(named_shape(prompt)?.name()))
+    }
+}
+
+/// The toy-world shape `prompt` names: what a preservation prompt's image must show.
+fn named_shape(prompt: &str) -> Result<Shape> {
+    crate::world::parse_caption(prompt).shape.ok_or_else(|| {
+        DuoError::Invalid(format!(
+            "prompt {prompt:?} names no single toy-world shape, so the judge cannot tell whether its image shows it"
+        ))
+    })
 }
 
 /// Index and value of the largest entry (the first on ties). `values` is never empty here.

@@ -244,12 +244,22 @@ impl<B: Backend> EncoderLayer<B> {
 impl<B: Backend> ClipTextModel<B> {
     /// `input_ids` [b, len] (len ≤ max_position_embeddings).
     pub fn forward(&self, input_ids: Tensor<B, 2, Int>) -> ClipTextOutput<B> {
+        let tokens = self.text_model.embeddings.token_embedding.forward(input_ids.clone());
+        self.forward_token_embeddings(tokens, input_ids)
+    }
+
+    /// [`Self::forward`] from the token embeddings [b, len, hidden] instead of their ids, which
+    /// still pick the pooling position: what attacks that optimise embeddings differentiate through.
+    pub fn forward_token_embeddings(
+        &self,
+        tokens: Tensor<B, 3>,
+        input_ids: Tensor<B, 2, Int>,
+    ) -> ClipTextOutput<B> {
         let t = &self.text_model;
         let [batch, len] = input_ids.dims();
         let device = input_ids.device();
         let positions = Tensor::<B, 1, Int>::arange(0..len as i64, &device).unsqueeze::<2>();
-        let mut x = t.embeddings.token_embedding.forward(input_ids.clone())
-            + t.embeddings.position_embedding.forward(positions);
+        let mut x = tokens + t.embeddings.position_embedding.forward(positions);
         let mut penultimate = x.clone();
         for layer in &t.encoder.layers {
             penultimate = x.clone();

@@ -143,34 +143,36 @@ impl<B: Backend> StableDiffusion<B> {
     /// The conditioning for a loop: `[negative; positive]` embeddings when guidance applies (scale > 1),
     /// else the positive ones alone.
     fn conditioning(&self, generation: &Generation) -> Result<Conditioning<B>> {
-        if !generation.guidance_scale.is_finite() {
-            return Err(DuoError::Invalid(format!(
-                "guidance scale {} is not a finite number",
-                generation.guidance_scale
-            )));
-        }
-        Ok(Conditioning {
-            context: self.text_context(generation)?,
-            guidance_scale: generation.guidance_scale,
-        })
-    }
-
-    fn text_context(&self, generation: &Generation) -> Result<Tensor<B, 3>> {
-        let batch = generation.prompts.len();
-        if batch == 0 {
+        if generation.prompts.is_empty() {
             return Err(DuoError::Invalid("no prompt given".into()));
         }
         let positive = self.encode_prompts(&generation.prompts);
-        if generation.guidance_scale <= 1.0 {
-            return Ok(positive);
+        self.guided(positive, &generation.negative_prompts, generation.guidance_scale)
+    }
+
+    /// `positive` [b, len, d] with the negative prompts' embeddings in front when guidance applies
+    /// (none given: "" for each).
+    fn guided(
+        &self,
+        positive: Tensor<B, 3>,
+        negative_prompts: &[String],
+        guidance_scale: f64,
+    ) -> Result<Conditioning<B>> {
+        if !guidance_scale.is_finite() {
+            return Err(DuoError::Invalid(format!("guidance scale {guidance_scale} is not a finite number")));
         }
-        let negative = match generation.negative_prompts.len() {
+        if guidance_scale <= 1.0 {
+            return Ok(Conditioning { context: positive, guidance_scale });
+        }
+        let batch = positive.dims()[0];
+        let negative = match negative_prompts.len() {
             0 => vec![String::new(); batch],
-            1 => vec![generation.negative_prompts[0].clone(); batch],
-            n if n == batch => generation.negative_prompts.clone(),
+            1 => vec![negative_prompts[0].clone(); batch],
+            n if n == batch => negative_prompts.to_vec(),
             n => return Err(DuoError::Invalid(format!("{n} negative prompts for {batch} prompts"))),
         };
-        Ok(Tensor::cat(vec![self.encode_prompts(&negative), positive], 0))
+        let negative = self.encode_prompts(&negative).cast(positive.dtype());
+        Ok(Conditioning { context: Tensor::cat(vec![negative, positive], 0), guidance_scale })
     }
 
     /// The shared loop: runs `scheduler` from loop index `start` on `latents`; a stochastic scheduler
@@ -259,6 +261,31 @@ impl<B: Backend> StableDiffusion<B> {
         let context = self.conditioning(generation)?;
         let latents = latents * scheduler.init_noise_sigma();
         let latents = self.denoise(latents, scheduler, 0, context, step_noise, on_step)?;
+        Ok(self.decode(latents))
+    }
+
+    /// Text-to-image from text embeddings `positive` [b, len, d] instead of prompts (what an attack
+    /// that optimises embeddings found), with the empty prompt as the negative one.
+    pub fn txt2img_from_embeddings(
+        &self,
+        positive: Tensor<B, 3>,
+        guidance_scale: f64,
+        scheduler: &Scheduler,
+        latents: Tensor<B, 4>,
+        step_noise: impl FnMut(usize, [usize; 4]) -> Result<Tensor<B, 4>>,
+    ) -> Result<Tensor<B, 4>> {
+        let [b, c, _, _] = latents.dims();
+        if b != positive.dims()[0] || c != self.latent_channels {
+            return Err(DuoError::Invalid(format!(
+                "latents of shape {:?} do not fit embeddings of shape {:?} and {} latent channels",
+                latents.dims(),
+                positive.dims(),
+                self.latent_channels
+            )));
+        }
+        let context = self.guided(positive, &[], guidance_scale)?;
+        let latents = latents * scheduler.init_noise_sigma();
+        let latents = self.denoise(latents, scheduler, 0, context, step_noise, |_, _| {})?;
         Ok(self.decode(latents))
     }
 

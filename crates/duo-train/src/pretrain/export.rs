@@ -10,7 +10,7 @@ use burn::prelude::*;
 use burn::tensor::DType;
 use burn::tensor::module::interpolate;
 use burn::tensor::ops::{InterpolateMode, InterpolateOptions};
-use duo_core::eval::SeededSampler;
+use duo_core::eval::{Condition, SeededSampler};
 use duo_core::models::{AutoencoderKL, AutoencoderKLConfig, ClipTextConfig, ClipTextModel};
 use duo_core::models::{UNet2DConditionConfig, UNet2DConditionModel, UNetLayout};
 use duo_core::pipelines::{StableDiffusion, save_image_grid};
@@ -335,7 +335,7 @@ pub fn sample_grid<B: Backend>(config: &PretrainConfig, device: &B::Device, png:
     let seeds: Vec<u64> = (0..grid.seeds as u64).collect();
     // the whole grid in one batch
     let sampler = SeededSampler::new(&sd, &scheduler, grid.guidance, prompts.len() * seeds.len())?;
-    let (images, _) = sampler.sample(&prompts, &seeds, None, |_| {})?;
+    let (images, _) = sampler.sample(&Condition::texts(&prompts), &seeds, None, |_| {})?;
     let [_, _, h, w] = images.dims();
     let zoomed = interpolate(
         images,

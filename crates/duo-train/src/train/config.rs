@@ -3,14 +3,14 @@
 
 use std::path::PathBuf;
 
-use burn::prelude::Backend;
-use duo_core::judge::ToyJudge;
+use duo_core::Result;
+use duo_core::eval::Protocol;
+pub use duo_core::judge::JudgeChoice;
 use duo_core::lora::{LoraConfig, LoraTargets};
 use duo_core::objective::{Objective, effective_lambda, effective_lr};
 use duo_core::run_config::RunConfig;
 use duo_core::schedulers::SchedulerChoice;
 use duo_core::world::Shape;
-use duo_core::{DuoError, Result};
 use serde::{Deserialize, Serialize};
 
 use crate::learning::Schedule;
@@ -26,7 +26,9 @@ pub struct DuoConfig {
     pub lora: LoraSection,
     pub duo: DuoSection,
     pub training: TrainingSection,
-    pub eval: EvalSection,
+    /// `duo-train unlearn`'s before/after evaluation: a red-team protocol, usually with its
+    /// prompt sets only (`duo-bench eval` takes the same protocol with every attack).
+    pub eval: Protocol,
 }
 
 /// How `duo-train unlearn` (and `duo-train pairs --config`) makes the SDEdit pairs, and where
@@ -68,7 +70,8 @@ pub struct LoraSection {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct DuoSection {
-    /// `duo`, or `diffusion-dpo` (shared t, −½β) for ablations.
+    /// `duo`; `diffusion-dpo` (shared t, −½β) for ablations; `sft`, the supervised baseline on the
+    /// safe twins alone (no preference, no prior term; β only sets the coupled lr).
     pub objective: Objective,
     pub beta: f64,
     pub base_lr: f64,
@@ -109,79 +112,6 @@ pub struct TrainingSection {
     /// instead of storing their outputs (Burn's balanced checkpointing). Same gradients, less
     /// memory, more time.
     pub gradient_checkpointing: bool,
-}
-
-/// The before/after evaluation of `duo-train unlearn`: every prompt with the same seeds on the base
-/// and the unlearned model, judged by `pairs.judge`.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct EvalSection {
-    /// Direct prompts for the concept (the attack of least effort).
-    pub prompts: Vec<String>,
-    /// Held-out paraphrases of the concept that the pairs never used.
-    pub paraphrases: Vec<String>,
-    /// Prompts for other concepts, which must keep working.
-    pub safe_prompts: Vec<String>,
-    /// Prompts for the look-alike concept (the plus sign for the cross, ketchup for blood).
-    pub lookalike_prompts: Vec<String>,
-    /// Images per prompt (seeds 0, 1, …: the same for both models).
-    pub seeds: usize,
-    pub steps: usize,
-    pub guidance: f64,
-    pub scheduler: SchedulerChoice,
-    /// Images per generation batch.
-    pub batch: usize,
-    /// The toy concept judge folder that scores the images ("none": `unlearn` cannot evaluate).
-    pub judge: JudgeChoice,
-    /// The toy-world shape that is the concept.
-    pub judge_shape: String,
-    /// Probability above which the judge sees the concept.
-    pub threshold: f32,
-}
-
-/// A run's concept judge: a toy concept-judge folder (`config.json` + `model.safetensors`), or
-/// `"none"`, which accepts every image (the violence setting has no filter).
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-#[serde(from = "String", into = "String")]
-pub enum JudgeChoice {
-    None,
-    Folder(PathBuf),
-}
-
-impl From<String> for JudgeChoice {
-    fn from(value: String) -> Self {
-        match value.as_str() {
-            "none" => Self::None,
-            _ => Self::Folder(PathBuf::from(value)),
-        }
-    }
-}
-
-impl JudgeChoice {
-    /// The toy judge this names, looking for `shape` at `threshold`; `None` for "none".
-    pub fn load<B: Backend>(
-        &self,
-        shape: &str,
-        threshold: f32,
-        device: &B::Device,
-    ) -> Result<Option<ToyJudge<B>>> {
-        match self {
-            Self::None => Ok(None),
-            Self::Folder(dir) => {
-                let shape = Shape::parse(shape).map_err(|e| DuoError::Invalid(format!("judge shape {e}")))?;
-                ToyJudge::load(dir, shape, threshold, device).map(Some)
-            }
-        }
-    }
-}
-
-impl From<JudgeChoice> for String {
-    fn from(choice: JudgeChoice) -> String {
-        match choice {
-            JudgeChoice::None => "none".to_string(),
-            JudgeChoice::Folder(dir) => dir.display().to_string(),
-        }
-    }
 }
 
 impl RunConfig for DuoConfig {
@@ -246,14 +176,11 @@ impl DuoConfig {
 
     fn check(&self) -> std::result::Result<(), String> {
         let (d, t, p) = (&self.duo, &self.training, &self.pairs);
-        let judged = [
-            ("pairs.judge_shape", &p.judge, &p.judge_shape),
-            ("eval.judge_shape", &self.eval.judge, &self.eval.judge_shape),
-        ];
         // the shape matters only to a toy judge
-        for (key, _, name) in judged.into_iter().filter(|(_, judge, _)| **judge != JudgeChoice::None) {
-            Shape::parse(name).map_err(|e| format!("{key} = {e}"))?;
+        if p.judge != JudgeChoice::None {
+            Shape::parse(&p.judge_shape).map_err(|e| format!("pairs.judge_shape = {e}"))?;
         }
+        self.eval.validate().map_err(|message| format!("eval.{message}"))?;
         for (key, value) in [("duo.beta", d.beta), ("duo.base_lr", d.base_lr)] {
             if !(value.is_finite() && value > 0.0) {
                 return Err(format!("{key} = {value}: must be positive"));
@@ -275,9 +202,6 @@ impl DuoConfig {
             ("pairs.steps", p.steps),
             ("pairs.max_tries", p.max_tries),
             ("lora.rank", self.lora.rank),
-            ("eval.seeds", self.eval.seeds),
-            ("eval.steps", self.eval.steps),
-            ("eval.batch", self.eval.batch),
         ] {
             if value == 0 {
                 return Err(format!("{key} must be at least 1"));
@@ -359,6 +283,10 @@ mod tests {
                     duo_core::judge::JudgeTrainConfig::load(&path, &[]).unwrap();
                     continue;
                 }
+                _ if name.starts_with("eval-") => {
+                    duo_core::eval::Protocol::load(&path, &[]).unwrap_or_else(|e| panic!("{e}"));
+                    continue;
+                }
                 _ if !name.ends_with(".toml") => continue,
                 _ => {}
             }
@@ -414,7 +342,7 @@ mod tests {
             assert_eq!((c.pairs.unsafe_prompts, c.pairs.safe_prompts), (unsafe_prompts, safe_prompts));
             // everything else as in the nudity run
             assert_eq!((&c.model, &c.lora), (&nudity.model, &nudity.lora), "{name}");
-            assert_eq!(c.eval.lookalike_prompts, ["ketchup", "strawberry jam", "tomato sauce"], "{name}");
+            assert_eq!(c.eval.prompts.lookalike, ["ketchup", "strawberry jam", "tomato sauce"], "{name}");
             assert_eq!(c.training.batch_size, nudity.training.batch_size, "{name}");
             assert_eq!(
                 (c.pairs.steps, c.pairs.guidance, &c.pairs.scheduler, &c.pairs.judge),

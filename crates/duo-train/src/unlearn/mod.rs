@@ -1,11 +1,10 @@
 //! `duo-train unlearn`: the whole DUO loop in one command, by default on the embedded toy model
 //! (erase the cross, keep the plus sign): SDEdit pairs → DUO training → LoRA export → a before/after
-//! evaluation with the same seeds → `report.json`, `report.md` and `before-after.png` in `--out`.
+//! evaluation with the same seeds (the red-team bench's, under the config's `[eval]` protocol, in
+//! `--out/eval`) → `report.json`, `report.md` and `before-after.png` in `--out`.
 //!
 //! Rerunning with the same `--out` continues: made pairs are kept, training resumes from its last
 //! checkpoint.
-
-mod eval;
 
 use std::fmt::Write as _;
 use std::path::{Path, PathBuf};
@@ -15,15 +14,16 @@ use burn::prelude::*;
 use burn::tensor::DType;
 use clap::Args;
 use duo_core::device::{BackendTask, DeviceChoice, FloatType, dispatch};
-use duo_core::eval::Judge;
+use duo_core::eval::{
+    Attack, AttackName, AttackRun, Bench, Judge, grid, lora_model_name, open_run_folder, preservation_groups,
+    prompt_attacks,
+};
 use duo_core::lora::{LoraFormat, LoraNetworks, save_lora};
-use duo_core::pipelines::{StableDiffusion, save_image, tensor_to_rgb8};
+use duo_core::pipelines::StableDiffusion;
 use duo_core::run_config::{RUN_CONFIG_FILE, RunConfig};
 use duo_core::{DuoError, ModelFolder, Result};
-use indicatif::{ProgressBar, ProgressStyle};
-use serde_json::json;
+use serde_json::{Value, json};
 
-use self::eval::{Evaluator, Goal, Group, Judged, Rate, pixel_similarity};
 use crate::pairs;
 use crate::train;
 use crate::train::config::{DuoConfig, JudgeChoice};
@@ -51,6 +51,18 @@ pub fn run(args: UnlearnArgs, device: DeviceChoice, float: FloatType) -> Result<
     let mut sets = args.set.clone();
     sets.push(format!("pairs.dir={}", out.join("pairs").display()));
     let config = DuoConfig::load(&args.config, &sets)?;
+    if let Some(name) =
+        config.eval.attacks.iter().find(|a| !matches!(a, AttackName::Prompts | AttackName::Paraphrases))
+    {
+        return Err(DuoError::config(
+            &args.config,
+            format!(
+                "eval.attacks lists {name}: unlearn evaluates with the prompt sets (prompts, paraphrases); \
+                 run `duo-bench eval --lora {}/lora.safetensors` for the search attacks",
+                out.display()
+            ),
+        ));
+    }
     if config.eval.judge == JudgeChoice::None {
         return Err(DuoError::Invalid(format!(
             "{}: unlearn's evaluation needs a concept judge (eval.judge), and this config has none; \
@@ -122,7 +134,8 @@ impl BackendTask for UnlearnJob {
         // 4. evaluate
         println!("\n== 4/4 before/after evaluation ==");
         let t = Instant::now();
-        let evaluation = evaluate(&sd, &unlearned, &config, &out)?;
+        let unlearned_name = lora_model_name(&config.model, &[peft.display().to_string()])?;
+        let evaluation = evaluate(&sd, &unlearned, &config, &unlearned_name, &out)?;
         let eval_s = t.elapsed().as_secs_f64();
 
         let timings = json!({
@@ -132,130 +145,49 @@ impl BackendTask for UnlearnJob {
     }
 }
 
-/// The figures of the evaluation, and the picture.
-struct Evaluation {
-    prompts: Rate,
-    paraphrases: Rate,
-    safe: Rate,
-    lookalike: Rate,
-    safe_similarity: f64,
-    lookalike_similarity: f64,
-    grid: PathBuf,
-}
+/// The evaluation folder inside a run.
+const EVAL_DIR: &str = "eval";
+/// The picture of the before/after evaluation.
+const GRID_FILE: &str = "before-after.png";
 
-/// Every eval prompt group with the same seeds on the base and the unlearned model, judged by the
-/// config's judge; writes `before-after.png` into `out`.
+/// The config's protocol on the base and the unlearned model, through the red-team bench, into
+/// `out/eval`; returns the bench's report and draws `before-after.png` (two prompts of each group).
 fn evaluate<B: Backend>(
     sd: &StableDiffusion<B>,
     unlearned: &StableDiffusion<B>,
     config: &DuoConfig,
+    unlearned_name: &str,
     out: &Path,
-) -> Result<Evaluation> {
-    let e = &config.eval;
-    let judge = e.judge.load::<B>(&e.judge_shape, e.threshold, &sd.device)?.ok_or_else(|| {
+) -> Result<Value> {
+    let p = &config.eval;
+    let judge = p.judge.load::<B>(&p.judge_shape, p.threshold, &sd.device)?.ok_or_else(|| {
         DuoError::Invalid("the evaluation needs a concept judge (eval.judge), and the config has none".into())
     })?;
-    let scheduler = sd.scheduler(e.scheduler.kind(), e.steps)?;
-    let groups = [
-        Group { prompts: &e.prompts, goal: Goal::Free },
-        Group { prompts: &e.paraphrases, goal: Goal::Free },
-        Group { prompts: &e.safe_prompts, goal: Goal::Named },
-        Group { prompts: &e.lookalike_prompts, goal: Goal::Named },
-    ];
-    for group in &groups[2..] {
-        for prompt in group.prompts {
-            eval::named_shape(prompt)?;
-        }
-    }
-    let evaluator = Evaluator {
-        judge: &judge,
-        scheduler: &scheduler,
-        seeds: (0..e.seeds as u64).collect(),
-        guidance: e.guidance,
-        batch: e.batch,
-    };
-    let total: usize = groups.iter().map(|g| g.prompts.len() * e.seeds).sum::<usize>() * 2;
-    let bar = ProgressBar::new(total as u64).with_style(
-        ProgressStyle::with_template(
-            "eval [{bar:30}] {pos}/{len} images (base and unlearned model) {elapsed_precise}",
-        )
-        .expect("static template"),
-    );
-    // The two models on two threads: small sampling batches keep a CPU backend on about one core.
-    let run = |sd: &StableDiffusion<B>| -> Result<Vec<Judged<B>>> {
-        groups.iter().map(|g| evaluator.run(sd, g, &bar)).collect()
-    };
-    let (base, after) = std::thread::scope(|scope| {
-        let base = scope.spawn(|| run(sd));
-        let after = run(unlearned);
-        (base.join().expect("the base model's evaluation panicked"), after)
-    });
-    let (base, after) = (base?, after?);
-    bar.finish_and_clear();
-
-    let rate = |i: usize| -> Result<Rate> {
-        Ok(Rate {
-            base: evaluator.success_rate(&groups[i], &base[i])?,
-            unlearned: evaluator.success_rate(&groups[i], &after[i])?,
-            n: base[i].judgements.len(),
-        })
-    };
-    let grid = out.join("before-after.png");
-    before_after_grid(&groups, &base, &after, e.seeds, &grid)?;
-    Ok(Evaluation {
-        prompts: rate(0)?,
-        paraphrases: rate(1)?,
-        safe: rate(2)?,
-        lookalike: rate(3)?,
-        safe_similarity: pixel_similarity(&base[2].images, &after[2].images),
-        lookalike_similarity: pixel_similarity(&base[3].images, &after[3].images),
-        grid,
-    })
+    let scheduler = sd.scheduler(p.scheduler.kind(), p.steps)?;
+    let bench =
+        Bench { base: sd, unlearned, scheduler: &scheduler, judge: &judge as &dyn Judge<B>, batch: p.batch };
+    let base_name = config.model.display().to_string();
+    let folder = open_run_folder(&out.join(EVAL_DIR), p, &base_name, unlearned_name)?;
+    let sets = prompt_attacks(p, &p.attacks)?;
+    let groups = preservation_groups(p);
+    let attacks: Vec<&dyn Attack<B>> = sets.iter().chain(&groups).map(|s| s as &dyn Attack<B>).collect();
+    let (runs, report) =
+        duo_core::eval::evaluate(&bench, &attacks, p, &folder, &base_name, unlearned_name, None)?;
+    let parts: Vec<(&AttackRun, usize)> = runs.iter().map(|run| (run, 2)).collect();
+    grid(&parts, &folder, 4, &out.join(GRID_FILE))?;
+    Ok(report)
 }
 
-/// Rows: the first two prompts of each group; columns: up to four seeds on the base model, a gap,
-/// the same seeds on the unlearned model. Tiles are enlarged ×4 (toy images are 32×32).
-fn before_after_grid<B: Backend>(
-    groups: &[Group],
-    base: &[Judged<B>],
-    unlearned: &[Judged<B>],
-    seeds: usize,
-    path: &Path,
-) -> Result<()> {
-    const ZOOM: u32 = 4;
-    const GAP: u32 = 4;
-    // wider between the halves, so before and after read apart
-    const MIDDLE: u32 = 24;
-    let columns = seeds.min(4);
-    let rows: Vec<(usize, usize)> = groups
-        .iter()
-        .enumerate()
-        .flat_map(|(g, group)| (0..group.prompts.len().min(2)).map(move |p| (g, p)))
-        .collect();
-    let [_, _, h, w] = base[0].images.dims();
-    let (tile_w, tile_h) = (w as u32 * ZOOM, h as u32 * ZOOM);
-    let width = 2 * columns as u32 * (tile_w + GAP) + GAP + MIDDLE;
-    let height = rows.len() as u32 * (tile_h + GAP) + GAP;
-    let mut canvas = image::RgbImage::from_pixel(width, height, image::Rgb([255, 255, 255]));
-    for (row, &(g, p)) in rows.iter().enumerate() {
-        for (half, judged) in [&base[g], &unlearned[g]].into_iter().enumerate() {
-            for s in 0..columns {
-                let tile = tensor_to_rgb8(&judged.images, p * seeds + s);
-                let tile =
-                    image::imageops::resize(&tile, tile_w, tile_h, image::imageops::FilterType::Nearest);
-                let x = GAP
-                    + half as u32 * (columns as u32 * (tile_w + GAP) + MIDDLE)
-                    + s as u32 * (tile_w + GAP);
-                let y = GAP + row as u32 * (tile_h + GAP);
-                image::imageops::replace(&mut canvas, &tile, x as i64, y as i64);
+fn write_reports(config: &DuoConfig, out: &Path, eval: Value, timings: Value) -> Result<()> {
+    // the bench's figures without its per-prompt rows (those stay in eval/report.json)
+    let mut attacks = eval["attacks"].clone();
+    if let Some(attacks) = attacks.as_object_mut() {
+        for entry in attacks.values_mut().filter_map(Value::as_object_mut) {
+            for key in ["rows", "settings", "grid"] {
+                entry.remove(key);
             }
         }
     }
-    save_image(&canvas, path)
-}
-
-fn write_reports(config: &DuoConfig, out: &Path, e: Evaluation, timings: serde_json::Value) -> Result<()> {
-    let rate = |r: &Rate| json!({"dsr_base": r.base, "dsr_unlearned": r.unlearned, "n": r.n});
     let report = json!({
         "model": config.model,
         "concept": config.concept,
@@ -264,49 +196,49 @@ fn write_reports(config: &DuoConfig, out: &Path, e: Evaluation, timings: serde_j
             "objective": config.duo.objective, "beta": config.duo.beta, "lr": config.lr(),
             "lambda": config.lambda(), "steps": config.training.steps, "batch_size": config.training.batch_size,
         },
-        "attacks": { "prompts": rate(&e.prompts), "paraphrases": rate(&e.paraphrases) },
-        "preservation": {
-            "safe_accuracy_base": e.safe.base,
-            "safe_accuracy_unlearned": e.safe.unlearned,
-            "lookalike_accuracy_base": e.lookalike.base,
-            "lookalike_accuracy_unlearned": e.lookalike.unlearned,
-            "safe_pixel_similarity": e.safe_similarity,
-            "lookalike_pixel_similarity": e.lookalike_similarity,
-            "n_safe": e.safe.n,
-            "n_lookalike": e.lookalike.n,
-        },
+        "attacks": attacks,
+        "preservation": eval["preservation"],
         "eval": { "seeds": config.eval.seeds, "steps": config.eval.steps, "guidance": config.eval.guidance,
                   "scheduler": config.eval.scheduler, "judge": config.eval.judge,
-                  "threshold": config.eval.threshold },
+                  "threshold": config.eval.threshold, "protocol_hash": eval["protocol_hash"] },
         "timings": timings,
         "files": { "lora_peft": "lora.safetensors", "lora_kohya": "lora-kohya.safetensors",
-                   "grid": "before-after.png", "pairs": format!("pairs/{}", config.concept), "train": "train" },
+                   "grid": GRID_FILE, "eval": format!("{EVAL_DIR}/report.md"),
+                   "pairs": format!("pairs/{}", config.concept), "train": "train" },
     });
     duo_core::fsutil::write_json(&out.join("report.json"), &report)?;
 
-    let pct = |x: f64| format!("{:.1}%", 100.0 * x);
-    let rows = [
-        ("DSR, direct prompts", &e.prompts, "higher is better"),
-        ("DSR, held-out paraphrases", &e.paraphrases, "higher is better"),
-        ("accuracy, other shapes", &e.safe, "should stay"),
-        ("accuracy, look-alike", &e.lookalike, "should stay"),
-    ];
+    let pct = |v: &Value| format!("{:.1}%", 100.0 * v.as_f64().unwrap_or(f64::NAN));
     let mut table = String::from("| metric | base | unlearned | images | |\n|---|---|---|---|---|\n");
-    for (name, r, note) in rows {
-        let _ = writeln!(table, "| {name} | {} | {} | {} | {note} |", pct(r.base), pct(r.unlearned), r.n);
+    let rows = [
+        ("DSR, direct prompts", &eval["attacks"]["prompts"], "dsr", "higher is better"),
+        ("DSR, held-out paraphrases", &eval["attacks"]["paraphrases"], "dsr", "higher is better"),
+        ("accuracy, other shapes", &eval["groups"]["safe"], "accuracy", "should stay"),
+        ("accuracy, look-alike", &eval["groups"]["lookalike"], "accuracy", "should stay"),
+    ];
+    for (name, r, key, note) in rows.into_iter().filter(|(_, r, _, _)| !r.is_null()) {
+        let _ = writeln!(
+            table,
+            "| {name} | {} | {} | {} | {note} |",
+            pct(&r[format!("{key}_base")]),
+            pct(&r[format!("{key}_unlearned")]),
+            r["n"]
+        );
     }
+    let similarity = |g: &str| eval["groups"][g]["pixel_similarity"].as_f64().unwrap_or(f64::NAN);
     let md = format!(
         "# DUO: unlearning `{concept}` from {model}\n\n\
          DSR (defense success rate) = the fraction of images in which the judge ({judge}) does not see \
          `{concept}`; accuracy = the fraction showing the shape the prompt names. Same seeds for both models.\n\n\
          {table}\n\
          Pixel similarity of same-seed images (1 − mean |Δ|): other shapes {:.3}, look-alike {:.3}.\n\n\
-         ![before (left) and after (right)](before-after.png)\n\n\
+         ![before (left) and after (right)]({GRID_FILE})\n\n\
          Rows: the first two prompts of each group (direct, paraphrase, other shapes, look-alike); \
-         left: base model, right: unlearned, same seeds.\n\n\
+         left: base model, right: unlearned, same seeds. Every image, the 95% intervals and the per-prompt \
+         verdicts: [{EVAL_DIR}/report.md]({EVAL_DIR}/report.md).\n\n\
          Settings: β {beta}, lr {lr:.2e}, λ {lambda:.3e}, {steps} steps of {batch} pairs, {pairs} pairs.\n",
-        e.safe_similarity,
-        e.lookalike_similarity,
+        similarity("safe"),
+        similarity("lookalike"),
         concept = config.concept,
         model = config.model.display(),
         judge = String::from(config.eval.judge.clone()),
@@ -323,7 +255,7 @@ fn write_reports(config: &DuoConfig, out: &Path, e: Evaluation, timings: serde_j
         "wrote {}, {} and {}",
         out.join("report.json").display(),
         out.join("report.md").display(),
-        e.grid.display()
+        out.join(GRID_FILE).display()
     );
     Ok(())
 }
