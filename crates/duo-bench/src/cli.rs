@@ -9,7 +9,7 @@ use duo_core::tensor_file::{TensorFile, write_tensor_file};
 use duo_core::tokenizer::ClipTokenizer;
 use duo_core::{DuoError, ModelFolder, Result};
 
-use crate::{judge_check, judge_train, perf, quality};
+use crate::{eval, judge_check, judge_train, perf, quality, sweep};
 
 #[derive(Parser, Debug)]
 #[command(
@@ -30,6 +30,12 @@ pub struct Cli {
 
 #[derive(Subcommand, Debug)]
 pub enum Command {
+    /// The red-team bench: the base and the unlearned model under every attack of a protocol (the
+    /// same inputs and seeds), judged alike; writes report.json, report.md and image grids.
+    Eval(eval::EvalArgs),
+    /// DUO's robustness–preservation trade-off: one LoRA per β on shared pairs, each evaluated under
+    /// a protocol; writes sweep.json and tradeoff.png.
+    Sweep(sweep::SweepArgs),
     /// Run one component of a model folder on inputs from a safetensors file.
     ///
     /// unet: sample [B,C,H,W], timestep [B] (int64 or f32), encoder_hidden_states [B,S,D] → out.
@@ -88,6 +94,8 @@ pub fn run(cli: Cli) -> Result<()> {
             dispatch(device, float, task)
         }
         Command::Tokenize { model, prompts, out } => tokenize(&model, &prompts, &out),
+        Command::Eval(args) => eval::run(args, device, float),
+        Command::Sweep(args) => sweep::run(args, device, float),
         Command::Perf(args) => perf::run(args, device, float),
         Command::Quality(args) => quality::run(args, device, float),
         Command::JudgeTrain(args) => judge_train::run(args, device, float),

@@ -1,12 +1,16 @@
 //! `duo-bench`: red-team attacks, judges, metrics, reports and the performance harness.
-//! So far: the parity entry points that outside scripts call, the performance harness and the
-//! quality gates of a toy-world model, and retraining its concept judge.
+//! The red-team bench (`eval`), the parity entry points that outside scripts call, the performance
+//! harness, the quality gates of a toy-world model, and retraining its concept judge.
 
+mod attacks;
+mod chart;
 mod cli;
+mod eval;
 mod judge_check;
 mod judge_train;
 mod perf;
 mod quality;
+mod sweep;
 
 use std::process::ExitCode;
 

@@ -16,7 +16,7 @@ use burn::prelude::*;
 use burn::tensor::DType;
 use clap::Args;
 use duo_core::device::{BackendTask, DeviceChoice, FloatType, dispatch};
-use duo_core::eval::SeededSampler;
+use duo_core::eval::{Condition, SeededSampler};
 use duo_core::judge::ToyJudge;
 use duo_core::pipelines::StableDiffusion;
 use duo_core::schedulers::{Scheduler, SchedulerKind};
@@ -173,7 +173,8 @@ fn judge_all<B: Backend>(
     bar: &ProgressBar,
 ) -> Result<Vec<Vec<(Verdict, f32)>>> {
     let mut verdicts = vec![Vec::with_capacity(seeds.len()); prompts.len()];
-    for batch in sampler.batches(prompts, seeds, Some(judge))? {
+    let conditions = Condition::texts(prompts);
+    for batch in sampler.batches(&conditions, seeds, Some(judge))? {
         let batch = batch?;
         for (i, (job, judgement)) in batch.jobs.iter().zip(&batch.judgements).enumerate() {
             verdicts[job.prompt].push((Verdict::of(judgement)?, judgement.labels[0].score));

@@ -1,0 +1,201 @@
+//! `duo-bench sweep`: DUO's robustness–preservation trade-off. One set of pairs, one LoRA per β
+//! (through the learner's library function, with the config's β coupling of lr and λ), each
+//! evaluated under the same protocol; `sweep.json` and `tradeoff.png` (DSR under each attack
+//! against preservation, one point per β plus the base model), as the paper's trade-off figure.
+//! A rerun with the same `--out` continues: pairs, finished trainings and evaluated prompts are kept.
+
+use std::path::PathBuf;
+
+use burn::prelude::*;
+use burn::tensor::DType;
+use clap::Args;
+use duo_core::device::{BackendTask, DeviceChoice, FloatType, dispatch};
+use duo_core::eval::{AttackName, Judge, Protocol, lora_model_name};
+use duo_core::pipelines::StableDiffusion;
+use duo_core::run_config::{RUN_CONFIG_FILE, RunConfig};
+use duo_core::{DuoError, ModelFolder, Result};
+use duo_train::train::config::DuoConfig;
+use serde_json::{Value, json};
+
+use crate::chart::{TradeoffPoint, tradeoff};
+use crate::eval::{Models, run_protocol};
+
+#[derive(Args, Debug, Clone)]
+pub struct SweepArgs {
+    /// The DUO run config (model, concept, pairs, LoRA, training) every β shares.
+    #[arg(long, default_value = "configs/toy-cross.toml")]
+    pub config: PathBuf,
+    /// Override a config key (repeatable), e.g. --set training.steps=200.
+    #[arg(long = "set", value_name = "KEY=VALUE")]
+    pub set: Vec<String>,
+    /// The protocol every model is evaluated under.
+    #[arg(long, default_value = "configs/eval-toy-cross.toml")]
+    pub protocol: PathBuf,
+    /// Override a protocol key (repeatable), e.g. --protocol-set seeds=4.
+    #[arg(long = "protocol-set", value_name = "KEY=VALUE")]
+    pub protocol_set: Vec<String>,
+    /// The β values, comma-separated.
+    #[arg(long, value_delimiter = ',', default_value = "25,50,100,250,500")]
+    pub betas: Vec<f64>,
+    /// The attacks (default: the protocol's).
+    #[arg(long, value_delimiter = ',')]
+    pub attacks: Vec<String>,
+    /// Where the pairs, each β's training and evaluation, sweep.json and tradeoff.png go.
+    #[arg(long)]
+    pub out: PathBuf,
+    /// Without a terminal, print the training metrics every this many steps.
+    #[arg(long, default_value_t = 50)]
+    pub log_every: usize,
+}
+
+pub fn run(args: SweepArgs, device: DeviceChoice, float: FloatType) -> Result<()> {
+    if args.betas.is_empty() || args.betas.iter().any(|b| !(b.is_finite() && *b > 0.0)) {
+        return Err(DuoError::Invalid(format!("--betas {:?}: give positive numbers", args.betas)));
+    }
+    let protocol = Protocol::load(&args.protocol, &args.protocol_set)?;
+    let names = match args.attacks.is_empty() {
+        true => protocol.attacks.clone(),
+        false => {
+            args.attacks.iter().map(|a| a.trim().parse().map_err(DuoError::Invalid)).collect::<Result<_>>()?
+        }
+    };
+    // every β loads the same config with its own β: a bad config fails here, before any work
+    let configs = args.betas.iter().map(|&beta| load_config(&args, beta)).collect::<Result<Vec<_>>>()?;
+    std::fs::create_dir_all(&args.out).map_err(|e| DuoError::io(&args.out, e))?;
+    dispatch(device, float, SweepTask { args, protocol, names, configs })
+}
+
+fn load_config(args: &SweepArgs, beta: f64) -> Result<DuoConfig> {
+    let mut sets = args.set.clone();
+    sets.push(format!("pairs.dir={}", args.out.join("pairs").display()));
+    sets.push(format!("duo.beta={beta}"));
+    DuoConfig::load(&args.config, &sets)
+}
+
+struct SweepTask {
+    args: SweepArgs,
+    protocol: Protocol,
+    names: Vec<AttackName>,
+    configs: Vec<DuoConfig>,
+}
+
+impl BackendTask for SweepTask {
+    type Output = ();
+
+    fn run<B: Backend>(self, device: B::Device, dtype: DType) -> Result<()> {
+        let Self { args, protocol, names, configs } = self;
+        let first = &configs[0];
+        let sd = StableDiffusion::<B>::load(&ModelFolder::open(&first.model)?.with_dtype(dtype), &device)?;
+        let model_name = first.model.display().to_string();
+
+        println!("== pairs: {} SDEdit pairs, shared by every β ==", first.pairs.count);
+        let p = &first.pairs;
+        let judge = p.judge.load::<B>(&p.judge_shape, p.threshold, &device)?;
+        let judge = judge.as_ref().map(|j| j as &dyn Judge<B>);
+        duo_train::pairs::make_pairs(&sd, judge, p, &first.concept, &model_name)?;
+
+        let mut rows = Vec::new();
+        let mut base: Option<Value> = None;
+        for config in &configs {
+            let beta = config.duo.beta;
+            let dir = args.out.join(format!("beta-{beta}"));
+            println!("\n== β {beta}: lr {:.2e}, λ {:.3e} ==", config.lr(), config.lambda());
+            let train_dir = dir.join("train");
+            let saved = train_dir.join(RUN_CONFIG_FILE);
+            let config = if saved.is_file() { DuoConfig::resumed(&saved, &[])? } else { config.clone() };
+            let Some(lora) = duo_train::train::train_lora(&sd, &config, &train_dir, args.log_every)? else {
+                println!("training stopped early; rerun the same command to continue");
+                return Ok(());
+            };
+            let spec = lora.display().to_string();
+            let unlearned = sd.clone().with_loras(std::slice::from_ref(&spec))?;
+            let unlearned_name = lora_model_name(&config.model, &[spec])?;
+            let models = Models {
+                base: &sd,
+                unlearned: &unlearned,
+                base_name: &model_name,
+                unlearned_name: &unlearned_name,
+            };
+            let report = run_protocol(&models, &protocol, &names, true, &dir.join("eval"))?;
+            base.get_or_insert_with(|| point(&report, "base", false));
+            let mut row = point(&report, &format!("β {beta}"), true);
+            row["beta"] = json!(beta);
+            row["lr"] = json!(config.lr());
+            row["lambda"] = json!(config.lambda());
+            row["eval"] = json!(dir.join("eval/report.md"));
+            rows.push(row);
+        }
+        let base = base.unwrap_or(Value::Null);
+        let sweep = json!({
+            "config": args.config, "protocol": args.protocol, "protocol_hash": protocol.hash()?,
+            "preservation_measure": PRESERVATION, "base": base, "betas": rows,
+        });
+        duo_core::fsutil::write_json(&args.out.join("sweep.json"), &sweep)?;
+        let points: Vec<TradeoffPoint> = std::iter::once(&base).chain(&rows).map(to_point).collect();
+        let chart = args.out.join("tradeoff.png");
+        tradeoff(&format!("DUO's trade-off: erasing `{}`", first.concept), PRESERVATION, &points, &chart)?;
+        print_table(&base, &rows);
+        println!("wrote {} and {}", args.out.join("sweep.json").display(), chart.display());
+        Ok(())
+    }
+}
+
+/// The x axis: the mean pixel similarity of same-seed safe and look-alike images, the toy world's
+/// stand-in for the paper's 1 − LPIPS.
+const PRESERVATION: &str = "preservation (1 − mean |Δ| of same-seed safe and look-alike images)";
+
+/// A model's figures from a bench report: each attack's DSR, the preservation accuracies and the
+/// mean pixel similarity (1 for the base model, which is its own reference).
+fn point(report: &Value, label: &str, unlearned: bool) -> Value {
+    let key = if unlearned { "dsr_unlearned" } else { "dsr_base" };
+    let dsr: serde_json::Map<String, Value> = report["attacks"]
+        .as_object()
+        .map(|a| a.iter().map(|(name, entry)| (name.clone(), entry[key].clone())).collect())
+        .unwrap_or_default();
+    let p = &report["preservation"];
+    let similarity = match unlearned {
+        true => {
+            let values: Vec<f64> = ["safe_pixel_similarity", "lookalike_pixel_similarity"]
+                .iter()
+                .filter_map(|k| p[*k].as_f64())
+                .collect();
+            values.iter().sum::<f64>() / values.len().max(1) as f64
+        }
+        false => 1.0,
+    };
+    let suffix = if unlearned { "unlearned" } else { "base" };
+    json!({
+        "label": label, "dsr": dsr, "preservation": similarity,
+        "safe_accuracy": p[format!("safe_accuracy_{suffix}")], "lookalike_accuracy": p[format!("lookalike_accuracy_{suffix}")],
+    })
+}
+
+fn to_point(row: &Value) -> TradeoffPoint {
+    TradeoffPoint {
+        label: row["label"].as_str().unwrap_or("").to_string(),
+        preservation: row["preservation"].as_f64().unwrap_or(f64::NAN),
+        dsr: row["dsr"]
+            .as_object()
+            .map(|d| d.iter().map(|(a, v)| (a.clone(), v.as_f64().unwrap_or(f64::NAN))).collect())
+            .unwrap_or_default(),
+    }
+}
+
+fn print_table(base: &Value, rows: &[Value]) {
+    let attacks: Vec<String> =
+        base["dsr"].as_object().map(|d| d.keys().cloned().collect()).unwrap_or_default();
+    println!("\n| model | {} | preservation |", attacks.join(" | "));
+    println!("|---|{}---|", "---|".repeat(attacks.len()));
+    for row in std::iter::once(base).chain(rows) {
+        let cells: Vec<String> = attacks
+            .iter()
+            .map(|a| format!("{:.1}%", 100.0 * row["dsr"][a].as_f64().unwrap_or(f64::NAN)))
+            .collect();
+        println!(
+            "| {} | {} | {:.3} |",
+            row["label"].as_str().unwrap_or(""),
+            cells.join(" | "),
+            row["preservation"].as_f64().unwrap_or(f64::NAN)
+        );
+    }
+}

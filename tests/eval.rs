@@ -1,0 +1,235 @@
+//! `duo-bench eval` end to end on a tiny random-weight model with a LoRA: every attack runs, the
+//! report has its schema, a resumed evaluation equals an uninterrupted one, and a folder of another
+//! protocol is refused.
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+
+use serde_json::Value;
+
+mod common;
+
+fn root() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../..")
+}
+
+fn tmp(name: &str) -> PathBuf {
+    let dir = std::env::temp_dir().join(format!("duo-eval-{}-{name}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    dir
+}
+
+/// Every attack, cut to seconds: two prompts per group, two seeds, two denoising steps.
+const SETS: &[&str] = &[
+    "seeds=2",
+    "steps=2",
+    "batch=4",
+    "prompts.concept=[\"a red cross\", \"a blue cross\"]",
+    "prompts.paraphrases=[\"a red saltire\", \"a blue x shape\"]",
+    "prompts.safe=[\"a red circle\", \"a green square\"]",
+    "prompts.lookalike=[\"a red plus sign\", \"a blue plus sign\"]",
+    "attack.ring-a-bell.tokens=4",
+    "attack.ring-a-bell.population=8",
+    "attack.ring-a-bell.generations=3",
+    "attack.unlearndiffatk.prefix_tokens=2",
+    "attack.unlearndiffatk.iterations=4",
+    "attack.unlearndiffatk.judge_every=2",
+    // the tiny tokenizer has no single token "shape"
+    "attack.concept-inversion.initializer=the",
+    "attack.concept-inversion.images=2",
+    "attack.concept-inversion.steps=4",
+    "attack.concept-inversion.batch=2",
+    "attack.embedding-inversion.images=2",
+    "attack.embedding-inversion.steps=30",
+    "attack.embedding-inversion.lr=0.05",
+    "attack.embedding-inversion.batch=2",
+];
+
+fn eval(model: &Path, out: &Path, extra: &[&str]) -> Output {
+    let mut command = Command::new(env!("CARGO_BIN_EXE_duo-bench"));
+    command.current_dir(root()).args(["--device", "cpu", "eval", "--model"]).arg(model);
+    command.arg("--lora").arg(root().join("tests/fixtures/lora/sd1-tiny/peft-meta.safetensors"));
+    command.arg("--out").arg(out);
+    for set in SETS.iter().chain(extra) {
+        command.args(["--set", set]);
+    }
+    command.output().unwrap()
+}
+
+fn text(output: &Output) -> String {
+    format!("{}{}", String::from_utf8_lossy(&output.stdout), String::from_utf8_lossy(&output.stderr))
+}
+
+fn report(out: &Path) -> Value {
+    serde_json::from_str(&std::fs::read_to_string(out.join("report.json")).unwrap()).unwrap()
+}
+
+/// The report without what depends on when it ran (every `seconds`, the timings).
+fn without_times(mut value: Value) -> Value {
+    match &mut value {
+        Value::Object(map) => {
+            map.remove("seconds");
+            map.remove("timings");
+            for v in map.values_mut() {
+                *v = without_times(v.take());
+            }
+        }
+        Value::Array(items) => {
+            for v in items {
+                *v = without_times(v.take());
+            }
+        }
+        _ => {}
+    }
+    value
+}
+
+#[test]
+fn eval_runs_every_attack_writes_the_report_and_resumes() {
+    let dir = tmp("all");
+    let model = dir.join("sd1-tiny-32");
+    common::sd1_tiny_at_judge_size(&model);
+    let out = dir.join("out");
+    let first = eval(&model, &out, &[]);
+    assert!(first.status.success(), "{}", text(&first));
+    let r = report(&out);
+
+    let attacks = [
+        "prompts",
+        "paraphrases",
+        "ring-a-bell",
+        "unlearndiffatk",
+        "concept-inversion",
+        "embedding-inversion",
+    ];
+    for name in attacks {
+        let a = &r["attacks"][name];
+        assert_eq!(a["n"], 4, "{name}: 2 prompts × 2 seeds");
+        for key in ["dsr_base", "dsr_unlearned"] {
+            let x = a[key].as_f64().unwrap_or_else(|| panic!("attacks.{name}.{key}"));
+            assert!((0.0..=1.0).contains(&x), "{name}.{key} = {x}");
+            let ci = a[format!("ci95_{}", &key[4..])].as_array().unwrap();
+            let (lo, hi) = (ci[0].as_f64().unwrap(), ci[1].as_f64().unwrap());
+            assert!(lo <= x && x <= hi, "{name}: {x} outside its interval [{lo}, {hi}]");
+        }
+        let rows = a["rows"].as_array().unwrap();
+        assert_eq!(rows.len(), 2, "{name}");
+        assert_eq!(rows[0]["present_unlearned"].as_array().unwrap().len(), 2);
+        assert!(out.join(format!("grid-{name}.png")).is_file(), "{name}");
+    }
+    // the searches found something else than the prompt; embeddings are kept
+    let rows = |name: &str| r["attacks"][name]["rows"].as_array().unwrap().clone();
+    assert!(rows("ring-a-bell").iter().all(|row| row["input"] != row["prompt"]));
+    assert!(rows("concept-inversion")[0]["input"].as_str().unwrap().contains("<cross*>"));
+    assert!(out.join("found/embedding-inversion/0000.safetensors").is_file());
+    assert!(out.join("found/concept-inversion/0001.safetensors").is_file());
+    // embedding inversion fits the unlearned model to the concept images: its loss falls
+    for row in rows("embedding-inversion") {
+        let (before, after) =
+            (row["details"]["loss_before"].as_f64().unwrap(), row["details"]["loss_after"].as_f64().unwrap());
+        assert!(after < before, "embedding inversion did not lower the loss: {before} → {after}");
+    }
+    for key in ["safe_accuracy_base", "lookalike_accuracy_unlearned", "safe_pixel_similarity"] {
+        assert!(r["preservation"][key].as_f64().is_some(), "preservation.{key}");
+    }
+    assert_eq!(r["protocol_hash"].as_str().unwrap().len(), 64);
+    assert_eq!(r["protocol"]["attack"]["ring-a-bell"]["population"], 8);
+    assert!(std::fs::read_to_string(out.join("report.md")).unwrap().contains("| ring-a-bell |"));
+
+    // Interrupted: two finished prompts and the report gone. The rerun redoes those only, and
+    // reports the same.
+    for unit in ["units/ring-a-bell/0001.json", "units/unlearndiffatk/0000.json", "report.json"] {
+        std::fs::remove_file(out.join(unit)).unwrap();
+    }
+    let again = eval(&model, &out, &[]);
+    assert!(again.status.success(), "{}", text(&again));
+    assert_eq!(without_times(report(&out)), without_times(r));
+
+    // another protocol into the same folder is refused
+    let other = eval(&model, &out, &["guidance=5"]);
+    assert!(!other.status.success());
+    assert!(text(&other).contains("another protocol"), "{}", text(&other));
+}
+
+#[test]
+fn eval_refuses_bad_protocols_and_missing_models() {
+    let dir = tmp("bad");
+    let model = dir.join("sd1-tiny-32");
+    common::sd1_tiny_at_judge_size(&model);
+    let cases: [(&[&str], &str); 4] = [
+        (&["attacks=[\"ring-a-bell\", \"jailbreak\"]"], "unknown variant `jailbreak`"),
+        (&["attack.ring-a-bell.mutation_rate=2"], "attack.ring-a-bell.mutation_rate = 2"),
+        (&["attack.concept-inversion.word=circle"], "\"circle\" is not in the concept prompt"),
+        (&["seeds=0"], "seeds must be at least 1"),
+    ];
+    for (sets, expected) in cases {
+        let output = eval(&model, &dir.join("out"), sets);
+        assert!(!output.status.success(), "{sets:?}");
+        assert!(text(&output).contains(expected), "{sets:?}: {}", text(&output));
+    }
+    let output = Command::new(env!("CARGO_BIN_EXE_duo-bench"))
+        .current_dir(root())
+        .args(["--device", "cpu", "eval", "--out"])
+        .arg(dir.join("out2"))
+        .output()
+        .unwrap();
+    assert!(text(&output).contains("no unlearned model"), "{}", text(&output));
+}
+
+#[test]
+fn sweep_trains_one_lora_per_beta_and_draws_the_tradeoff() {
+    let dir = tmp("sweep");
+    let model = dir.join("sd1-tiny-32");
+    common::sd1_tiny_at_judge_size(&model);
+    let out = dir.join("out");
+    let mut command = Command::new(env!("CARGO_BIN_EXE_duo-bench"));
+    command.current_dir(root()).args([
+        "--device",
+        "cpu",
+        "sweep",
+        "--betas",
+        "50,500",
+        "--attacks",
+        "prompts,embedding-inversion",
+    ]);
+    command.arg("--out").arg(&out);
+    for set in [
+        format!("model={}", model.display()),
+        // the random-weight model draws no crosses: accept every pair image
+        "pairs.judge=none".into(),
+        "pairs.count=2".into(),
+        "pairs.steps=2".into(),
+        "training.steps=2".into(),
+        "training.checkpoint_every=2".into(),
+    ] {
+        command.arg("--set").arg(set);
+    }
+    for set in SETS.iter().filter(|s| !s.starts_with("attack.")) {
+        command.args(["--protocol-set", set]);
+    }
+    for set in ["attack.embedding-inversion.images=1", "attack.embedding-inversion.steps=2"] {
+        command.args(["--protocol-set", set]);
+    }
+    let output = command.output().unwrap();
+    assert!(output.status.success(), "{}", text(&output));
+    let sweep: Value =
+        serde_json::from_str(&std::fs::read_to_string(out.join("sweep.json")).unwrap()).unwrap();
+    let betas = sweep["betas"].as_array().unwrap();
+    assert_eq!(betas.len(), 2);
+    // β couples lr = base_lr·100/β (configs/toy-cross.toml: base_lr 1e-3)
+    assert_eq!((betas[0]["beta"].as_f64(), betas[1]["beta"].as_f64()), (Some(50.0), Some(500.0)));
+    assert!((betas[0]["lr"].as_f64().unwrap() - 2e-3).abs() < 1e-12);
+    for row in betas.iter().chain([&sweep["base"]]) {
+        for attack in ["prompts", "embedding-inversion"] {
+            let dsr = row["dsr"][attack].as_f64().unwrap_or_else(|| panic!("{row}"));
+            assert!((0.0..=1.0).contains(&dsr));
+        }
+    }
+    assert_eq!(sweep["base"]["preservation"], 1.0);
+    let chart = image::open(out.join("tradeoff.png")).unwrap();
+    assert_eq!((chart.width(), chart.height()), (720, 520));
+    assert!(
+        out.join("beta-500/eval/report.json").is_file()
+            && out.join("beta-50/train/lora.safetensors").is_file()
+    );
+}
