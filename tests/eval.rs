@@ -212,8 +212,15 @@ fn sweep_trains_one_lora_per_beta_and_draws_the_tradeoff() {
     }
     let output = command.output().unwrap();
     assert!(output.status.success(), "{}", text(&output));
-    let sweep: Value =
-        serde_json::from_str(&std::fs::read_to_string(out.join("sweep.json")).unwrap()).unwrap();
+    let read = || -> Value {
+        serde_json::from_str(&std::fs::read_to_string(out.join("sweep.json")).unwrap()).unwrap()
+    };
+    let sweep = read();
+    // A rerun continues: the trainings are complete and re-export the same LoRAs (the same content,
+    // whatever order the file's header takes), so every stored evaluation is reused.
+    let again = command.output().unwrap();
+    assert!(again.status.success(), "{}", text(&again));
+    assert_eq!(without_times(read()), without_times(sweep.clone()));
     let betas = sweep["betas"].as_array().unwrap();
     assert_eq!(betas.len(), 2);
     // β couples lr = base_lr·100/β (configs/toy-cross.toml: base_lr 1e-3)

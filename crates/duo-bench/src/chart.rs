@@ -143,6 +143,12 @@ pub fn tradeoff(title: &str, x_label: &str, points: &[TradeoffPoint], path: &Pat
                         .map(|(_, d)| (p.preservation, *d, p.label.as_str()))
                 })
                 .collect();
+            // joined in order of preservation, so each attack reads as one curve
+            let mut line: Vec<(f64, f64)> = series.iter().map(|&(x, y, _)| (x, y)).collect();
+            line.sort_by(|a, b| a.0.total_cmp(&b.0));
+            chart
+                .draw_series(LineSeries::new(line, colour.stroke_width(1)))
+                .map_err(|e| err(e.to_string()))?;
             chart
                 .draw_series(series.iter().map(|&(x, y, _)| Circle::new((x, y), 5, colour.filled())))
                 .map_err(|e| err(e.to_string()))?

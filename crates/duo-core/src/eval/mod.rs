@@ -3,6 +3,11 @@
 //! `duo-train pairs` and the red-team bench all generate and judge through these two, so an image
 //! of prompt p and seed s is the same image wherever it is drawn, and every judge plugs in the same
 //! way.
+//!
+//! On top of them, the red-team bench: a [`Protocol`] file, the [`Attack`] interface (prompt sets
+//! here; the search attacks live in `duo-bench`), the resumable loop over an attack's prompts
+//! ([`Bench::run`]) and the report ([`write_report`]), which `duo-bench eval`, `duo-bench sweep` and
+//! `duo-train unlearn` share.
 
 mod bench;
 mod judge;

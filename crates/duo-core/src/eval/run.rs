@@ -45,18 +45,42 @@ pub fn open_run_folder(out: &Path, protocol: &Protocol, base: &str, unlearned: &
     Ok(RunFolder { root: out.to_path_buf() })
 }
 
-/// How a report names the base model with LoRA files: each file with the start of its SHA-256, so a
-/// retrained LoRA at the same path is another model to [`open_run_folder`].
+/// How a report names the base model with LoRA files: each file with the start of the SHA-256 of
+/// its content, so a retrained LoRA at the same path is another model to [`open_run_folder`].
 pub fn lora_model_name(model: &Path, loras: &[String]) -> Result<String> {
-    use sha2::{Digest, Sha256};
     let mut name = model.display().to_string();
     for spec in loras {
         let (file, _) = crate::lora::parse_lora_spec(spec)?;
-        let bytes = std::fs::read(&file).map_err(|e| DuoError::io(&file, e))?;
-        let digest: String = Sha256::digest(&bytes).iter().take(6).map(|b| format!("{b:02x}")).collect();
-        name.push_str(&format!(" + LoRA {spec} (sha256 {digest}…)"));
+        let digest = content_digest(&file)?;
+        name.push_str(&format!(" + LoRA {spec} (sha256 {}…)", &digest[..12]));
     }
     Ok(name)
+}
+
+/// SHA-256 over a safetensors file's content in a fixed order (metadata by key, tensors by name,
+/// each with its dtype, shape and bytes): the same weights give the same digest however a writer
+/// ordered the header.
+fn content_digest(file: &Path) -> Result<String> {
+    use sha2::{Digest, Sha256};
+    let bytes = std::fs::read(file).map_err(|e| DuoError::io(file, e))?;
+    let (_, header) = safetensors::SafeTensors::read_metadata(&bytes)
+        .map_err(|e| DuoError::parse(file, format!("not a safetensors file: {e}")))?;
+    let tensors = safetensors::SafeTensors::deserialize(&bytes)
+        .map_err(|e| DuoError::parse(file, format!("not a safetensors file: {e}")))?;
+    let mut hasher = Sha256::new();
+    let mut metadata: Vec<(&String, &String)> = header.metadata().iter().flat_map(|m| m.iter()).collect();
+    metadata.sort();
+    for (key, value) in metadata {
+        hasher.update(format!("{key}={value}\n").as_bytes());
+    }
+    let mut names = tensors.names();
+    names.sort();
+    for name in names {
+        let tensor = tensors.tensor(name).map_err(|e| DuoError::parse(file, format!("{name}: {e}")))?;
+        hasher.update(format!("{name} {:?} {:?}\n", tensor.dtype(), tensor.shape()).as_bytes());
+        hasher.update(tensor.data());
+    }
+    Ok(hasher.finalize().iter().map(|b| format!("{b:02x}")).collect())
 }
 
 /// Seeds 0, 1, …, `protocol.seeds` − 1.
