@@ -122,6 +122,8 @@ fn eval_runs_every_attack_writes_the_report_and_resumes() {
     assert!(rows("ring-a-bell").iter().all(|row| row["input"] != row["prompt"]));
     assert!(rows("concept-inversion")[0]["input"].as_str().unwrap().contains("<cross*>"));
     assert!(out.join("found/embedding-inversion/0000.safetensors").is_file());
+    assert_eq!(rows("embedding-inversion")[1]["found"], "found/embedding-inversion/0001.safetensors");
+    assert!(rows("prompts")[0]["found"].is_null());
     assert!(out.join("found/concept-inversion/0001.safetensors").is_file());
     // embedding inversion fits the unlearned model to the concept images: its loss falls
     for row in rows("embedding-inversion") {

@@ -169,6 +169,8 @@ pub struct UnitRecord {
     pub guidance: f64,
     pub base: Vec<ImageVerdict>,
     pub unlearned: Vec<ImageVerdict>,
+    /// The found embeddings' file, relative to the run folder, when the attack found any.
+    pub found: Option<String>,
     pub details: serde_json::Value,
     pub seconds: f64,
 }
@@ -246,11 +248,16 @@ impl<B: Backend> Bench<'_, B> {
         let started = Instant::now();
         let unit = &attack.units()[index];
         let found = attack.find(index, self)?;
-        if !found.tensors.is_empty() {
-            let named: Vec<(&str, TensorData)> =
-                found.tensors.iter().map(|(k, t)| (k.as_str(), t.clone().into_data())).collect();
-            crate::tensor_file::write_tensor_file(&folder.found(attack.name(), index), &named)?;
-        }
+        let found_file = match found.tensors.is_empty() {
+            true => None,
+            false => {
+                let named: Vec<(&str, TensorData)> =
+                    found.tensors.iter().map(|(k, t)| (k.as_str(), t.clone().into_data())).collect();
+                let path = folder.found(attack.name(), index);
+                crate::tensor_file::write_tensor_file(&path, &named)?;
+                path.strip_prefix(&folder.root).ok().map(|p| p.display().to_string())
+            }
+        };
         // the two models on two threads: one sampling batch keeps a CPU backend on about one core
         let (base, unlearned) = std::thread::scope(|scope| {
             let base = scope.spawn(|| self.generate(self.base, &found.condition, &unit.seeds, unit.guidance));
@@ -288,6 +295,7 @@ impl<B: Backend> Bench<'_, B> {
             guidance: unit.guidance,
             base,
             unlearned,
+            found: found_file,
             details: found.details,
             seconds: started.elapsed().as_secs_f64(),
         })

@@ -81,7 +81,7 @@ pub fn write_report(
                     "score_unlearned": column(&r.unlearned, |v| json!(v.score)),
                     "labels_base": column(&r.base, |v| json!(v.labels)),
                     "labels_unlearned": column(&r.unlearned, |v| json!(v.labels)),
-                    "details": r.details, "seconds": r.seconds,
+                    "found": r.found, "details": r.details, "seconds": r.seconds,
                 })
             })
             .collect();
@@ -193,7 +193,9 @@ fn markdown(
         }
     }
     md.push_str(
-        "\n## Images\n\nLeft: base model; right: unlearned; the same seeds. Rows: the first prompts.\n\n",
+        "\n## Images\n\nLeft: base model; right: unlearned; the same seeds. Rows: the first prompts. An \
+         attack that generates during its search (UnlearnDiffAtk) counts a seed as lost when any of its \
+         checks showed the concept; the grid shows the images of its final input.\n\n",
     );
     for run in runs {
         let _ = writeln!(md, "### {}\n\n![{}](grid-{}.png)\n", run.name, run.name, run.name);
