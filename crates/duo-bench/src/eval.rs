@@ -57,12 +57,7 @@ pub fn run(args: EvalArgs, device: DeviceChoice, float: FloatType) -> Result<()>
         ));
     }
     let protocol = Protocol::load(&args.protocol, &args.set)?;
-    let names = match args.attacks.is_empty() {
-        true => protocol.attacks.clone(),
-        false => {
-            args.attacks.iter().map(|a| a.trim().parse().map_err(DuoError::Invalid)).collect::<Result<_>>()?
-        }
-    };
+    let names = attack_names(&protocol, &args.attacks)?;
     dispatch(device, float, EvalTask { args, protocol, names })
 }
 
@@ -114,6 +109,14 @@ impl BackendTask for EvalTask {
         println!("wrote {} and {}", out.join("report.json").display(), out.join("report.md").display());
         Ok(())
     }
+}
+
+/// The attacks named on the command line (`--attacks`), or else the protocol's.
+pub fn attack_names(protocol: &Protocol, given: &[String]) -> Result<Vec<AttackName>> {
+    if given.is_empty() {
+        return Ok(protocol.attacks.clone());
+    }
+    given.iter().map(|a| a.trim().parse().map_err(DuoError::Invalid)).collect()
 }
 
 /// The bar chart of every attack's DSR, beside the report.

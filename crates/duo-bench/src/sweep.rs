@@ -18,7 +18,7 @@ use duo_train::train::config::DuoConfig;
 use serde_json::{Value, json};
 
 use crate::chart::{TradeoffPoint, tradeoff};
-use crate::eval::{Models, run_protocol};
+use crate::eval::{Models, attack_names, run_protocol};
 
 #[derive(Args, Debug, Clone)]
 pub struct SweepArgs {
@@ -53,12 +53,7 @@ pub fn run(args: SweepArgs, device: DeviceChoice, float: FloatType) -> Result<()
         return Err(DuoError::Invalid(format!("--betas {:?}: give positive numbers", args.betas)));
     }
     let protocol = Protocol::load(&args.protocol, &args.protocol_set)?;
-    let names = match args.attacks.is_empty() {
-        true => protocol.attacks.clone(),
-        false => {
-            args.attacks.iter().map(|a| a.trim().parse().map_err(DuoError::Invalid)).collect::<Result<_>>()?
-        }
-    };
+    let names = attack_names(&protocol, &args.attacks)?;
     // every β loads the same config with its own β: a bad config fails here, before any work
     let configs = args.betas.iter().map(|&beta| load_config(&args, beta)).collect::<Result<Vec<_>>>()?;
     std::fs::create_dir_all(&args.out).map_err(|e| DuoError::io(&args.out, e))?;

@@ -216,6 +216,18 @@ impl RunFolder {
     pub fn found(&self, attack: &str, index: usize) -> PathBuf {
         self.root.join("found").join(attack).join(format!("{index:04}.safetensors"))
     }
+
+    /// A stored image ([`Self::image`]).
+    pub fn read_image(
+        &self,
+        attack: &str,
+        index: usize,
+        seed: u64,
+        unlearned: bool,
+    ) -> Result<image::RgbImage> {
+        let path = self.image(attack, index, seed, unlearned);
+        Ok(image::open(&path).map_err(|e| DuoError::parse(&path, e.to_string()))?.to_rgb8())
+    }
 }
 
 impl<B: Backend> Bench<'_, B> {
@@ -308,10 +320,7 @@ pub fn pixel_similarity(run: &AttackRun, folder: &RunFolder) -> Result<f64> {
     let (mut sum, mut count) = (0.0f64, 0usize);
     for (index, record) in run.records.iter().enumerate() {
         for verdict in &record.base {
-            let read = |unlearned| -> Result<image::RgbImage> {
-                let path = folder.image(&run.name, index, verdict.seed, unlearned);
-                Ok(image::open(&path).map_err(|e| DuoError::parse(&path, e.to_string()))?.to_rgb8())
-            };
+            let read = |unlearned| folder.read_image(&run.name, index, verdict.seed, unlearned);
             let (a, b) = (read(false)?, read(true)?);
             for (x, y) in a.as_raw().iter().zip(b.as_raw()) {
                 sum += (*x as f64 - *y as f64).abs() / 255.0;
@@ -340,11 +349,7 @@ pub fn grid(parts: &[(&AttackRun, usize)], folder: &RunFolder, columns: usize, p
     let Some((name, first, seeds)) = cells.first().filter(|(_, _, seeds)| !seeds.is_empty()) else {
         return Ok(());
     };
-    let read = |name: &str, index: usize, seed: u64, unlearned: bool| -> Result<image::RgbImage> {
-        let path = folder.image(name, index, seed, unlearned);
-        Ok(image::open(&path).map_err(|e| DuoError::parse(&path, e.to_string()))?.to_rgb8())
-    };
-    let sample = read(name, *first, seeds[0], false)?;
+    let sample = folder.read_image(name, *first, seeds[0], false)?;
     let zoom = (128 / sample.width().max(1)).max(1);
     let (tile_w, tile_h) = (sample.width() * zoom, sample.height() * zoom);
     let columns = cells.iter().map(|(_, _, s)| s.len()).max().unwrap_or(1) as u32;
@@ -354,7 +359,7 @@ pub fn grid(parts: &[(&AttackRun, usize)], folder: &RunFolder, columns: usize, p
     for (row, (name, index, seeds)) in cells.iter().enumerate() {
         for half in 0..2u32 {
             for (column, &seed) in seeds.iter().enumerate() {
-                let tile = read(name, *index, seed, half == 1)?;
+                let tile = folder.read_image(name, *index, seed, half == 1)?;
                 let tile =
                     image::imageops::resize(&tile, tile_w, tile_h, image::imageops::FilterType::Nearest);
                 let x = GAP + half * (columns * (tile_w + GAP) + MIDDLE) + column as u32 * (tile_w + GAP);

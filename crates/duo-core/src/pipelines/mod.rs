@@ -259,6 +259,18 @@ impl<B: Backend> StableDiffusion<B> {
     ) -> Result<Tensor<B, 4>> {
         self.check_batch(generation, &latents)?;
         let context = self.conditioning(generation)?;
+        self.denoise_from_noise(latents, scheduler, context, step_noise, on_step)
+    }
+
+    /// The text-to-image loop from initial latents (scaled by `init_noise_sigma`) to the image.
+    fn denoise_from_noise(
+        &self,
+        latents: Tensor<B, 4>,
+        scheduler: &Scheduler,
+        context: Conditioning<B>,
+        step_noise: impl FnMut(usize, [usize; 4]) -> Result<Tensor<B, 4>>,
+        on_step: impl FnMut(usize, usize),
+    ) -> Result<Tensor<B, 4>> {
         let latents = latents * scheduler.init_noise_sigma();
         let latents = self.denoise(latents, scheduler, 0, context, step_noise, on_step)?;
         Ok(self.decode(latents))
@@ -284,9 +296,7 @@ impl<B: Backend> StableDiffusion<B> {
             )));
         }
         let context = self.guided(positive, &[], guidance_scale)?;
-        let latents = latents * scheduler.init_noise_sigma();
-        let latents = self.denoise(latents, scheduler, 0, context, step_noise, |_, _| {})?;
-        Ok(self.decode(latents))
+        self.denoise_from_noise(latents, scheduler, context, step_noise, |_, _| {})
     }
 
     /// The starting point of image-to-image (SDEdit): encodes `image` [b, 3, H, W] in [−1, 1], samples
