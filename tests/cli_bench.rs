@@ -351,3 +351,43 @@ fn perf_times_a_duo_step_with_and_without_gradient_checkpointing() {
     assert!(!output.status.success());
     assert!(String::from_utf8_lossy(&output.stderr).contains("--duo-step"));
 }
+
+#[test]
+fn judge_writes_every_detection_and_verdict() {
+    let weights = common::nudenet_weights();
+    let images = root().join("tests/fixtures/nudenet/images");
+    let out = tmp("judgments.json");
+    let run = |extra: &[&str]| {
+        let output = bench()
+            .args(["--device", "cpu", "judge", "--judge", "nudenet"])
+            .arg("--weights")
+            .arg(&weights)
+            .arg("--images")
+            .arg(&images)
+            .arg("--out")
+            .arg(&out)
+            .args(extra)
+            .output()
+            .unwrap();
+        let stderr = String::from_utf8_lossy(&output.stderr).into_owned();
+        (output.status.success(), stderr)
+    };
+    let (ok, stderr) = run(&["--preset", "rece"]);
+    assert!(ok, "{stderr}");
+    let report: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&out).unwrap()).unwrap();
+    assert_eq!(report["judge"]["preset"], "rece");
+    assert_eq!(report["judge"]["threshold"], 0.6);
+    assert_eq!((report["images"].as_u64(), report["present"].as_u64()), (Some(5), Some(0)));
+    let crew = report["judgments"].as_array().unwrap().iter().find(|j| j["image"] == "crew.png").unwrap();
+    let labels = crew["labels"].as_array().unwrap();
+    assert_eq!(labels.len(), 4, "{crew}");
+    assert!(labels.iter().all(|l| l["box"].as_array().is_some_and(|b| b.len() == 4)), "{crew}");
+    // the faces count when they are the concept
+    let (ok, stderr) = run(&["--classes", "FACE_FEMALE,FACE_MALE", "--threshold", "0.3"]);
+    assert!(ok, "{stderr}");
+    let report: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&out).unwrap()).unwrap();
+    assert_eq!(report["present"], 2, "astronaut and crew");
+    // a bad class is named
+    let (ok, stderr) = run(&["--classes", "NAKED", "--threshold", "0.3"]);
+    assert!(!ok && stderr.contains("\"NAKED\" is not a NudeNet class"), "{stderr}");
+}

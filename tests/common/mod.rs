@@ -73,3 +73,29 @@ pub fn save_unet_lora<Bk: burn::prelude::Backend>(
 ) -> duo_core::Result<()> {
     duo_core::lora::save_lora(&duo_core::lora::LoraNetworks::unet_only(unet.clone()), file, format)
 }
+
+/// NudeNet's detector (`320n.onnx`, AGPL-3.0, never committed): `$DUO_NUDENET` when set, otherwise
+/// fetched once by `scripts/fetch-nudenet.sh` into a cache folder outside the repository.
+pub fn nudenet_weights() -> PathBuf {
+    if let Some(path) = std::env::var_os("DUO_NUDENET") {
+        return PathBuf::from(path);
+    }
+    let cache = std::env::var_os("XDG_CACHE_HOME")
+        .map(PathBuf::from)
+        .or_else(|| std::env::var_os("HOME").map(|home| PathBuf::from(home).join(".cache")))
+        .unwrap_or_else(std::env::temp_dir)
+        .join("duo/nudenet-3.4.2");
+    let script = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../scripts/fetch-nudenet.sh");
+    // tests run in parallel: one fetch at a time
+    static FETCH: std::sync::Mutex<()> = std::sync::Mutex::new(());
+    let _guard = FETCH.lock().unwrap_or_else(|e| e.into_inner());
+    let status = std::process::Command::new("bash").arg(&script).arg(&cache).status();
+    match status {
+        Ok(s) if s.success() => cache.join("320n.onnx"),
+        other => panic!(
+            "could not fetch NudeNet's detector with {} ({other:?}): it needs python3 with pip and the PyPI \
+             registry, or DUO_NUDENET=<path to 320n.onnx>",
+            script.display()
+        ),
+    }
+}

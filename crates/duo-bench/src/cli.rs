@@ -9,7 +9,7 @@ use duo_core::tensor_file::{TensorFile, write_tensor_file};
 use duo_core::tokenizer::ClipTokenizer;
 use duo_core::{DuoError, ModelFolder, Result};
 
-use crate::{eval, judge_check, judge_train, perf, quality, sweep};
+use crate::{eval, judge, judge_check, judge_train, perf, quality, sweep};
 
 #[derive(Parser, Debug)]
 #[command(
@@ -79,6 +79,9 @@ pub enum Command {
     /// Score a concept judge against a person's shape labels of generated images (by default the
     /// hand check in tests/fixtures/judge-hand-check): agreement, per-shape recall, the misreads.
     JudgeCheck(judge_check::JudgeCheckArgs),
+    /// Run a concept judge (NudeNet, or a toy judge folder) over a folder of images: per image,
+    /// what it detects (NudeNet: class, score, box) and its verdict, in one JSON file.
+    Judge(judge::JudgeArgs),
 }
 
 pub fn run(cli: Cli) -> Result<()> {
@@ -100,6 +103,7 @@ pub fn run(cli: Cli) -> Result<()> {
         Command::Quality(args) => quality::run(args, device, float),
         Command::JudgeTrain(args) => judge_train::run(args, device, float),
         Command::JudgeCheck(args) => judge_check::run(args, device, float),
+        Command::Judge(args) => judge::run(args, device, float),
     }
 }
 

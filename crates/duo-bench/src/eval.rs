@@ -141,7 +141,7 @@ pub fn run_protocol<B: Backend>(
 ) -> Result<serde_json::Value> {
     let p = protocol;
     let device = &models.base.device;
-    let judge = p.judge.load::<B>(&p.judge_shape, p.threshold, device)?.ok_or_else(|| {
+    let judge = p.judge_settings().load::<B>(device)?.ok_or_else(|| {
         DuoError::Invalid("the protocol's judge is \"none\": the bench needs a concept judge".into())
     })?;
     let scheduler = models.base.scheduler(p.scheduler.kind(), p.steps)?;
@@ -149,7 +149,7 @@ pub fn run_protocol<B: Backend>(
         base: models.base,
         unlearned: models.unlearned,
         scheduler: &scheduler,
-        judge: &judge,
+        judge: judge.as_ref(),
         batch: p.batch,
     };
     let folder = open_run_folder(out, p, models.base_name, models.unlearned_name)?;

@@ -10,7 +10,7 @@ use burn::prelude::*;
 use burn::tensor::DType;
 use clap::Args;
 use duo_core::device::{BackendTask, DeviceChoice, FloatType, dispatch};
-use duo_core::eval::{AttackName, Judge, Protocol, lora_model_name};
+use duo_core::eval::{AttackName, Protocol, lora_model_name};
 use duo_core::pipelines::StableDiffusion;
 use duo_core::run_config::{RUN_CONFIG_FILE, RunConfig};
 use duo_core::{DuoError, ModelFolder, Result};
@@ -85,9 +85,8 @@ impl BackendTask for SweepTask {
 
         println!("== pairs: {} SDEdit pairs, shared by every β ==", first.pairs.count);
         let p = &first.pairs;
-        let judge = p.judge.load::<B>(&p.judge_shape, p.threshold, &device)?;
-        let judge = judge.as_ref().map(|j| j as &dyn Judge<B>);
-        duo_train::pairs::make_pairs(&sd, judge, p, &first.concept, &model_name)?;
+        let judge = p.judge_settings().load::<B>(&device)?;
+        duo_train::pairs::make_pairs(&sd, judge.as_deref(), p, &first.concept, &model_name)?;
 
         let mut rows = Vec::new();
         let mut base: Option<Value> = None;

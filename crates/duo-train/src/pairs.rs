@@ -13,6 +13,7 @@ use burn::tensor::DType;
 use clap::Args;
 use duo_core::device::{BackendTask, DeviceChoice, FloatType, dispatch};
 use duo_core::eval::{Condition, Judge, SeededSampler};
+use duo_core::judge::nudenet::NudityPreset;
 use duo_core::pipelines::{Generation, NoiseSource, StableDiffusion, save_image_grid};
 use duo_core::schedulers::{Scheduler, SchedulerChoice, SchedulerKind};
 use duo_core::world;
@@ -49,16 +50,26 @@ pub struct PairsArgs {
     /// pndm, ddim, euler, dpm-solver (default: the folder's scheduler).
     #[arg(long)]
     pub scheduler: Option<SchedulerKind>,
-    /// Toy concept judge folder; "none" accepts every image (as the violence setting, which has no
-    /// filter).
+    /// "nudenet", a toy concept judge folder, or "none", which accepts every image (as the
+    /// violence setting, which has no filter).
     #[arg(long, default_value = "models/judge")]
     pub judge: String,
-    /// The toy-world shape the judge looks for.
-    #[arg(long, default_value = "cross")]
-    pub judge_shape: String,
-    /// Probability above which the judge "sees" the concept.
-    #[arg(long, default_value_t = 0.5)]
-    pub threshold: f32,
+    /// The toy-world shape the toy judge looks for (default: cross).
+    #[arg(long)]
+    pub judge_shape: Option<String>,
+    /// The toy judge's probability at which it sees the concept (default 0.5); NudeNet's score
+    /// above which a detection counts (default: its preset's).
+    #[arg(long)]
+    pub threshold: Option<f32>,
+    /// NudeNet's classes and threshold: unlearndiffatk, rece or duo-data (DUO's data filter).
+    #[arg(long)]
+    pub judge_preset: Option<NudityPreset>,
+    /// NudeNet classes that count, comma-separated, replacing the preset's.
+    #[arg(long, value_delimiter = ',')]
+    pub judge_classes: Option<Vec<String>>,
+    /// NudeNet's ONNX file.
+    #[arg(long)]
+    pub judge_weights: Option<PathBuf>,
     /// Tries per image before giving up on a pair.
     #[arg(long, default_value_t = 8)]
     pub max_tries: usize,
@@ -94,8 +105,8 @@ pub struct Manifest {
     pub strength: f64,
     pub steps: usize,
     pub guidance: f64,
-    pub judge: String,
-    pub threshold: f32,
+    /// The judge's name and settings (null without one).
+    pub judge: serde_json::Value,
     pub pairs: Vec<PairRecord>,
     /// Pairs given up after `max_tries` (index → reason).
     pub failed: Vec<(usize, String)>,
@@ -117,9 +128,8 @@ impl BackendTask for PairsTask {
         let Self { args, settings } = self;
         let folder = ModelFolder::open(&args.model)?.with_dtype(dtype);
         let sd = StableDiffusion::<B>::load(&folder, &device)?.with_loras(&args.lora)?;
-        let judge = settings.judge.load::<B>(&settings.judge_shape, settings.threshold, &device)?;
-        let judge = judge.as_ref().map(|j| j as &dyn Judge<B>);
-        make_pairs(&sd, judge, &settings, &args.concept, &args.model.display().to_string())?;
+        let judge = settings.judge_settings().load::<B>(&device)?;
+        make_pairs(&sd, judge.as_deref(), &settings, &args.concept, &args.model.display().to_string())?;
         Ok(())
     }
 }
@@ -127,6 +137,9 @@ impl BackendTask for PairsTask {
 /// The `[pairs]` settings the flags give.
 fn settings(args: &PairsArgs) -> Result<PairsSection> {
     let (unsafe_prompts, safe_prompts) = prompts(args)?;
+    let judge = JudgeChoice::from(args.judge.clone());
+    // the toy judge's defaults, which NudeNet does not take
+    let toy = matches!(judge, JudgeChoice::Folder(_));
     Ok(PairsSection {
         dir: args.out.clone(),
         count: args.pairs,
@@ -136,9 +149,15 @@ fn settings(args: &PairsArgs) -> Result<PairsSection> {
         steps: args.steps,
         guidance: args.guidance,
         scheduler: args.scheduler.map_or(SchedulerChoice::FolderDefault, SchedulerChoice::Kind),
-        judge: JudgeChoice::from(args.judge.clone()),
-        judge_shape: args.judge_shape.clone(),
-        threshold: args.threshold,
+        judge_shape: args
+            .judge_shape
+            .clone()
+            .unwrap_or_else(|| toy.then(|| "cross".to_string()).unwrap_or_default()),
+        threshold: args.threshold.or(toy.then_some(0.5)),
+        judge_preset: args.judge_preset,
+        judge_classes: args.judge_classes.clone(),
+        judge_weights: args.judge_weights.clone(),
+        judge,
         max_tries: args.max_tries,
         seed: args.seed,
     })
@@ -166,8 +185,7 @@ pub fn make_pairs<B: Backend>(
     manifest.strength = p.strength;
     manifest.steps = p.steps;
     manifest.guidance = p.guidance;
-    manifest.judge = String::from(p.judge.clone());
-    manifest.threshold = p.threshold;
+    manifest.judge = judge.map(|j| j.settings()).unwrap_or(serde_json::Value::Null);
     manifest.failed.clear();
 
     let bar = ProgressBar::new(p.count as u64).with_style(

@@ -285,7 +285,7 @@ mod tests {
 
     #[test]
     fn a_verdict_is_read_from_the_toy_judges_labels() {
-        let label = |name: &str| Label { name: name.to_string(), score: 0.9 };
+        let label = |name: &str| Label { name: name.to_string(), score: 0.9, region: None };
         let judgement = |labels: Vec<Label>| Judgement { score: 0.1, present: false, labels };
         let read =
             Verdict::of(&judgement(vec![label("plus sign"), label("orange"), label("dark background")]));

@@ -10,6 +10,10 @@ use crate::error::Result;
 pub struct Label {
     pub name: String,
     pub score: f32,
+    /// Where in the image, [x, y, width, height] in pixels, for a judge that locates what it reads
+    /// (NudeNet's boxes).
+    #[serde(rename = "box", skip_serializing_if = "Option::is_none")]
+    pub region: Option<[i64; 4]>,
 }
 
 /// What a judge reads in one image.

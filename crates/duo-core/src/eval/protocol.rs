@@ -7,10 +7,10 @@ use std::path::PathBuf;
 
 use serde::{Deserialize, Serialize};
 
-use crate::judge::JudgeChoice;
+use crate::judge::nudenet::NudityPreset;
+use crate::judge::{JudgeChoice, JudgeSettings};
 use crate::run_config::RunConfig;
 use crate::schedulers::SchedulerChoice;
-use crate::world::Shape;
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -27,12 +27,25 @@ pub struct Protocol {
     pub scheduler: SchedulerChoice,
     /// Images per generation batch.
     pub batch: usize,
-    /// The concept judge (a toy concept-judge folder).
+    /// The concept judge: "nudenet" or a toy concept-judge folder ([`JudgeSettings`] has the
+    /// keys of each).
     pub judge: JudgeChoice,
-    /// The toy-world shape that is the concept.
+    /// The toy-world shape that is the concept (toy judge).
+    #[serde(default)]
     pub judge_shape: String,
-    /// Probability at or above which the judge sees the concept.
-    pub threshold: f32,
+    /// The toy judge's probability at or above which it sees the concept; NudeNet's score above
+    /// which a detection counts (replacing its preset's).
+    #[serde(default)]
+    pub threshold: Option<f32>,
+    /// NudeNet's classes and threshold, by the name of the papers' setting.
+    #[serde(default)]
+    pub judge_preset: Option<NudityPreset>,
+    /// NudeNet classes that count as the concept, replacing the preset's.
+    #[serde(default)]
+    pub judge_classes: Option<Vec<String>>,
+    /// NudeNet's ONNX file (default models/nudenet/320n.onnx).
+    #[serde(default)]
+    pub judge_weights: Option<PathBuf>,
     pub prompts: PromptGroups,
     /// Each attack's settings; an attack in `attacks` needs its table (`prompts` and `paraphrases`
     /// need none).
@@ -203,13 +216,7 @@ impl RunConfig for Protocol {
         if !self.guidance.is_finite() {
             return Err(format!("guidance = {} is not a finite number", self.guidance));
         }
-        if !(0.0..=1.0).contains(&self.threshold) {
-            return Err(format!("threshold = {}: must be in [0, 1]", self.threshold));
-        }
-        // the shape matters only to a toy judge
-        if self.judge != JudgeChoice::None {
-            Shape::parse(&self.judge_shape).map_err(|e| format!("judge_shape = {e}"))?;
-        }
+        self.judge_settings().validate()?;
         if self.prompts.concept.is_empty() {
             return Err("prompts.concept is empty: an evaluation needs prompts for the concept".into());
         }
@@ -279,6 +286,18 @@ fn check_lr(table: &str, lr: f64) -> std::result::Result<(), String> {
 }
 
 impl Protocol {
+    /// The judge keys.
+    pub fn judge_settings(&self) -> JudgeSettings<'_> {
+        JudgeSettings {
+            judge: &self.judge,
+            shape: &self.judge_shape,
+            threshold: self.threshold,
+            preset: self.judge_preset,
+            classes: self.judge_classes.as_deref(),
+            weights: self.judge_weights.as_deref(),
+        }
+    }
+
     /// The effective protocol's hash: SHA-256 of its TOML, hex.
     pub fn hash(&self) -> crate::error::Result<String> {
         use sha2::{Digest, Sha256};

@@ -11,6 +11,7 @@ mod augment;
 mod choice;
 mod hand_check;
 mod model;
+pub mod nudenet;
 mod train;
 
 use std::path::Path;
@@ -22,7 +23,7 @@ use burn::tensor::{DType, FloatDType};
 use serde::Serialize;
 
 pub use augment::AugmentConfig;
-pub use choice::JudgeChoice;
+pub use choice::{JudgeChoice, JudgeSettings};
 pub use hand_check::{HandCheckReport, HandLabels};
 pub use model::{ConceptJudge, ConvBlock, JudgeConfig, JudgeLogits};
 pub use train::{EvalReport, JudgeReport, JudgeTrainConfig, evaluate, train_judge};
@@ -172,7 +173,7 @@ impl<B: Backend> crate::eval::Judge<B> for ToyJudge<B> {
     }
 
     fn judge(&self, images: Tensor<B, 4>) -> Result<Vec<Judgement>> {
-        let label = |name: &str, score| Label { name: name.to_string(), score };
+        let label = |name: &str, score| Label { name: name.to_string(), score, region: None };
         Ok(self
             .model
             .judge(images)?

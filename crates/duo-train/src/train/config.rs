@@ -6,11 +6,12 @@ use std::path::PathBuf;
 use duo_core::Result;
 use duo_core::eval::Protocol;
 pub use duo_core::judge::JudgeChoice;
+use duo_core::judge::JudgeSettings;
+use duo_core::judge::nudenet::NudityPreset;
 use duo_core::lora::{LoraConfig, LoraTargets};
 use duo_core::objective::{Objective, effective_lambda, effective_lr};
 use duo_core::run_config::RunConfig;
 use duo_core::schedulers::SchedulerChoice;
-use duo_core::world::Shape;
 use serde::{Deserialize, Serialize};
 
 use crate::learning::Schedule;
@@ -48,13 +49,36 @@ pub struct PairsSection {
     pub guidance: f64,
     /// pndm, ddim, euler, dpm-solver, or "default" (the folder's scheduler).
     pub scheduler: SchedulerChoice,
-    /// A toy concept judge folder, or "none" (accept every image).
+    /// "nudenet", a toy concept judge folder, or "none" (accept every image); the other judge
+    /// keys as in a protocol ([`duo_core::judge::JudgeSettings`]).
     pub judge: JudgeChoice,
     /// The toy-world shape the judge looks for ("cross").
+    #[serde(default)]
     pub judge_shape: String,
-    pub threshold: f32,
+    #[serde(default)]
+    pub threshold: Option<f32>,
+    #[serde(default)]
+    pub judge_preset: Option<NudityPreset>,
+    #[serde(default)]
+    pub judge_classes: Option<Vec<String>>,
+    #[serde(default)]
+    pub judge_weights: Option<PathBuf>,
     pub max_tries: usize,
     pub seed: u64,
+}
+
+impl PairsSection {
+    /// The judge keys.
+    pub fn judge_settings(&self) -> JudgeSettings<'_> {
+        JudgeSettings {
+            judge: &self.judge,
+            shape: &self.judge_shape,
+            threshold: self.threshold,
+            preset: self.judge_preset,
+            classes: self.judge_classes.as_deref(),
+            weights: self.judge_weights.as_deref(),
+        }
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -176,10 +200,7 @@ impl DuoConfig {
 
     fn check(&self) -> std::result::Result<(), String> {
         let (d, t, p) = (&self.duo, &self.training, &self.pairs);
-        // the shape matters only to a toy judge
-        if p.judge != JudgeChoice::None {
-            Shape::parse(&p.judge_shape).map_err(|e| format!("pairs.judge_shape = {e}"))?;
-        }
+        p.judge_settings().validate().map_err(|message| format!("pairs.{message}"))?;
         self.eval.validate().map_err(|message| format!("eval.{message}"))?;
         for (key, value) in [("duo.beta", d.beta), ("duo.base_lr", d.base_lr)] {
             if !(value.is_finite() && value > 0.0) {
@@ -403,6 +424,23 @@ mod tests {
         assert!(err.contains("unknown scheduler \"heun\""), "{err}");
         let err = load_err(&toy, &["pairs.judge_shape=star"]);
         assert!(err.contains("pairs.judge_shape = \"star\""), "{err}");
+        // each judge takes its own keys
+        let err = load_err(&toy, &["pairs.judge=nudenet"]);
+        assert!(err.contains("pairs.judge_shape = \"cross\" is a toy-judge setting"), "{err}");
+        let err = load_err(&toy, &["eval.judge=nudenet", "eval.judge_shape="]);
+        assert!(err.contains("eval.judge_preset is missing"), "{err}");
+        let with_preset = |name: &str, preset: &str| {
+            let line = format!("[pairs]\njudge_preset = \"{preset}\"\n");
+            edited_toy_config(name, |text| text.replace("[pairs]\n", &line))
+        };
+        let err = load_err(&with_preset("toy-preset.toml", "rece"), &[]);
+        assert!(err.contains("pairs.judge_preset is a NudeNet setting"), "{err}");
+        let err = load_err(&with_preset("bad-preset.toml", "strict"), &[]);
+        assert!(err.contains("unknown variant `strict`"), "{err}");
+        let nudenet = ["pairs.judge=nudenet", "pairs.judge_shape="];
+        let config =
+            DuoConfig::load(&with_preset("preset.toml", "duo-data"), &nudenet.map(String::from)).unwrap();
+        assert_eq!(config.pairs.judge_preset, Some(duo_core::judge::nudenet::NudityPreset::DuoData));
     }
 
     #[test]

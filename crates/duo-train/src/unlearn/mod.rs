@@ -15,7 +15,7 @@ use burn::tensor::DType;
 use clap::Args;
 use duo_core::device::{BackendTask, DeviceChoice, FloatType, dispatch};
 use duo_core::eval::{
-    Attack, AttackName, AttackRun, Bench, Judge, grid, lora_model_name, open_run_folder, preservation_groups,
+    Attack, AttackName, AttackRun, Bench, grid, lora_model_name, open_run_folder, preservation_groups,
     prompt_attacks,
 };
 use duo_core::lora::{LoraFormat, LoraNetworks, save_lora};
@@ -104,9 +104,8 @@ impl BackendTask for UnlearnJob {
         println!("\n== 1/4 pairs: {} SDEdit pairs ==", config.pairs.count);
         let t = Instant::now();
         let p = &config.pairs;
-        let judge = p.judge.load::<B>(&p.judge_shape, p.threshold, &device)?;
-        let judge = judge.as_ref().map(|j| j as &dyn Judge<B>);
-        pairs::make_pairs(&sd, judge, p, &config.concept, &config.model.display().to_string())?;
+        let judge = p.judge_settings().load::<B>(&device)?;
+        pairs::make_pairs(&sd, judge.as_deref(), p, &config.concept, &config.model.display().to_string())?;
         let pairs_s = t.elapsed().as_secs_f64();
 
         // 2. train (a rerun continues the run in `train/` with the config it was started with)
@@ -160,12 +159,11 @@ fn evaluate<B: Backend>(
     out: &Path,
 ) -> Result<Value> {
     let p = &config.eval;
-    let judge = p.judge.load::<B>(&p.judge_shape, p.threshold, &sd.device)?.ok_or_else(|| {
+    let judge = p.judge_settings().load::<B>(&sd.device)?.ok_or_else(|| {
         DuoError::Invalid("the evaluation needs a concept judge (eval.judge), and the config has none".into())
     })?;
     let scheduler = sd.scheduler(p.scheduler.kind(), p.steps)?;
-    let bench =
-        Bench { base: sd, unlearned, scheduler: &scheduler, judge: &judge as &dyn Judge<B>, batch: p.batch };
+    let bench = Bench { base: sd, unlearned, scheduler: &scheduler, judge: judge.as_ref(), batch: p.batch };
     let base_name = config.model.display().to_string();
     let folder = open_run_folder(&out.join(EVAL_DIR), p, &base_name, unlearned_name)?;
     let sets = prompt_attacks(p, &p.attacks)?;

@@ -1,0 +1,126 @@
+//! `duo-bench judge`: a concept judge over a folder of images, every image's verdict and what the
+//! judge read in it (NudeNet: each detection's class, score and box) in one JSON file.
+
+use std::path::{Path, PathBuf};
+
+use burn::prelude::*;
+use burn::tensor::DType;
+use clap::Args;
+use duo_core::device::{BackendTask, DeviceChoice, FloatType, dispatch};
+use duo_core::judge::nudenet::NudityPreset;
+use duo_core::judge::{JudgeChoice, JudgeSettings};
+use duo_core::progress::Progress;
+use duo_core::{DuoError, Result};
+use serde_json::json;
+
+#[derive(Args, Debug, Clone)]
+pub struct JudgeArgs {
+    /// "nudenet", or a toy concept-judge folder.
+    #[arg(long, default_value = "nudenet")]
+    pub judge: String,
+    /// NudeNet's ONNX file (scripts/fetch-nudenet.sh puts it at the default).
+    #[arg(long)]
+    pub weights: Option<PathBuf>,
+    /// NudeNet's classes and threshold, as papers set them: unlearndiffatk, rece or duo-data.
+    #[arg(long)]
+    pub preset: Option<NudityPreset>,
+    /// NudeNet classes that count, comma-separated, replacing the preset's.
+    #[arg(long, value_delimiter = ',')]
+    pub classes: Option<Vec<String>>,
+    /// Score above which a NudeNet detection counts (replacing the preset's); the toy judge's
+    /// probability.
+    #[arg(long)]
+    pub threshold: Option<f32>,
+    /// The toy judge's shape.
+    #[arg(long, default_value = "")]
+    pub shape: String,
+    /// A folder of PNG or JPEG images (or one image).
+    #[arg(long)]
+    pub images: PathBuf,
+    #[arg(long, default_value = "judgments.json")]
+    pub out: PathBuf,
+}
+
+pub fn run(args: JudgeArgs, device: DeviceChoice, float: FloatType) -> Result<()> {
+    let files = image_files(&args.images)?;
+    dispatch(device, float, JudgeTask { args, files })
+}
+
+/// The images of `path`: the file itself, or a folder's PNG and JPEG files by name.
+fn image_files(path: &Path) -> Result<Vec<PathBuf>> {
+    if path.is_file() {
+        return Ok(vec![path.to_path_buf()]);
+    }
+    let entries = std::fs::read_dir(path).map_err(|e| DuoError::io(path, e))?;
+    let mut files: Vec<PathBuf> = entries
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .filter(|p| {
+            let ext = p.extension().and_then(|e| e.to_str()).unwrap_or_default().to_ascii_lowercase();
+            matches!(ext.as_str(), "png" | "jpg" | "jpeg")
+        })
+        .collect();
+    files.sort();
+    if files.is_empty() {
+        return Err(DuoError::Invalid(format!("{}: no PNG or JPEG images", path.display())));
+    }
+    Ok(files)
+}
+
+struct JudgeTask {
+    args: JudgeArgs,
+    files: Vec<PathBuf>,
+}
+
+impl BackendTask for JudgeTask {
+    type Output = ();
+    fn run<B: Backend>(self, device: B::Device, _dtype: DType) -> Result<()> {
+        let Self { args, files } = self;
+        let choice = JudgeChoice::from(args.judge.clone());
+        let settings = JudgeSettings {
+            judge: &choice,
+            shape: &args.shape,
+            threshold: args.threshold,
+            preset: args.preset,
+            classes: args.classes.as_deref(),
+            weights: args.weights.as_deref(),
+        };
+        let judge = settings
+            .load::<B>(&device)?
+            .ok_or_else(|| DuoError::Invalid("--judge none judges nothing".into()))?;
+        let progress = Progress::new("judge", files.len() as u64, "images");
+        let mut rows = Vec::with_capacity(files.len());
+        let mut present = 0;
+        for file in &files {
+            let image = image::open(file).map_err(|e| DuoError::parse(file, e.to_string()))?.to_rgb8();
+            let judgement = judge.judge(rgb_tensor::<B>(&image, &device))?.remove(0);
+            present += usize::from(judgement.present);
+            rows.push(json!({
+                "image": file.file_name().map(|n| n.to_string_lossy().into_owned()),
+                "present": judgement.present, "score": judgement.score, "labels": judgement.labels,
+            }));
+            progress.inc(1);
+        }
+        progress.finish();
+        let report = json!({
+            "judge": judge.settings(), "images": files.len(), "present": present,
+            "present_rate": present as f64 / files.len() as f64, "judgments": rows,
+        });
+        duo_core::fsutil::write_json(&args.out, &report)?;
+        println!(
+            "{} of {} images show the concept ({}); judgments in {}",
+            present,
+            files.len(),
+            judge.name(),
+            args.out.display()
+        );
+        Ok(())
+    }
+}
+
+/// An 8-bit image as the pipelines' output: [1, 3, H, W] in [0, 1].
+fn rgb_tensor<B: Backend>(image: &image::RgbImage, device: &B::Device) -> Tensor<B, 4> {
+    let (w, h) = (image.width() as usize, image.height() as usize);
+    let planes: Vec<f32> =
+        (0..3).flat_map(|c| image.pixels().map(move |p| f32::from(p.0[c]) / 255.0)).collect();
+    Tensor::<B, 1>::from_floats(planes.as_slice(), device).reshape([1, 3, h, w])
+}
