@@ -391,3 +391,35 @@ fn judge_writes_every_detection_and_verdict() {
     let (ok, stderr) = run(&["--classes", "NAKED", "--threshold", "0.3"]);
     assert!(!ok && stderr.contains("\"NAKED\" is not a NudeNet class"), "{stderr}");
 }
+
+#[test]
+fn lpips_compares_same_named_images_of_two_folders() {
+    let dir = tmp("lpips");
+    let weights = dir.join("weights");
+    common::lpips_weights_folder(duo_core::metrics::LpipsNet::Alex, &weights);
+    let (a, b) = (root().join("tests/fixtures/nudenet/images"), dir.join("b"));
+    std::fs::create_dir_all(&b).unwrap();
+    std::fs::copy(a.join("astronaut.png"), b.join("astronaut.png")).unwrap();
+    let mut coffee = image::open(a.join("coffee.png")).unwrap().to_rgb8();
+    image::imageops::invert(&mut coffee);
+    coffee.save(b.join("coffee.png")).unwrap();
+    let out = dir.join("lpips.json");
+    let output = bench()
+        .args(["--device", "cpu", "lpips", "--weights"])
+        .arg(&weights)
+        .arg(&a)
+        .arg(&b)
+        .arg("--out")
+        .arg(&out)
+        .output()
+        .unwrap();
+    assert!(output.status.success(), "{}", String::from_utf8_lossy(&output.stderr));
+    let report: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&out).unwrap()).unwrap();
+    assert_eq!(report["n"], 2, "only the images both folders hold: {report}");
+    let pairs = report["pairs"].as_array().unwrap();
+    assert_eq!(pairs[0]["lpips"], 0.0, "astronaut against itself");
+    let inverted = pairs[1]["lpips"].as_f64().unwrap();
+    assert!(inverted > 0.05, "an inverted image is far: {inverted}");
+    assert!((report["mean"].as_f64().unwrap() - inverted / 2.0).abs() < 1e-9);
+    std::fs::remove_dir_all(&dir).ok();
+}

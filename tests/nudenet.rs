@@ -6,7 +6,6 @@ mod common;
 
 use std::path::PathBuf;
 
-use burn::prelude::*;
 use duo_core::eval::Judge;
 use duo_core::judge::nudenet::{NudeDetector, NudityJudge, NudityPreset, SIDE, detector_input};
 use serde::Deserialize;
@@ -123,12 +122,7 @@ fn the_judge_reads_generated_images_as_their_saved_pngs() {
         NudityJudge::load(&common::nudenet_weights(), None, Some(vec!["FACE_FEMALE".into()]), Some(0.5))
             .unwrap();
     let picture = image("astronaut");
-    let (w, h) = (picture.width() as usize, picture.height() as usize);
-    let values: Vec<f32> = (0..3)
-        .flat_map(|c| picture.pixels().map(move |p| p.0[c] as f32 / 255.0).collect::<Vec<_>>())
-        .collect();
-    let device = Default::default();
-    let tensor = Tensor::<common::B, 1>::from_floats(values.as_slice(), &device).reshape([1, 3, h, w]);
+    let tensor = duo_core::pipelines::rgb8_to_tensor::<common::B>(&picture, &Default::default());
     let judged = Judge::<common::B>::judge(&judge, tensor).unwrap();
     let direct = judge.judgement(&judge.detector.detect(&picture).unwrap());
     assert_eq!(judged, vec![direct.clone()]);

@@ -99,3 +99,67 @@ pub fn nudenet_weights() -> PathBuf {
         ),
     }
 }
+
+/// The fixture script's `pattern`: weights in [−bound, bound) from a hash of the index.
+pub fn pattern(p: u64, shape: &[usize], bound: f64) -> TensorData {
+    let n: usize = shape.iter().product();
+    let values: Vec<f32> = (0..n as u64)
+        .map(|i| {
+            let h = (i * 2_654_435_761 + p * 40_503) % (1 << 32);
+            let v = (h >> 16) as f64 / 65536.0 - 0.5;
+            (v * 2.0 * bound) as f32
+        })
+        .collect();
+    TensorData::new(values, shape.to_vec())
+}
+
+/// `(features index, [out, in, k, k])` of each conv.
+fn lpips_convs(net: duo_core::metrics::LpipsNet) -> Vec<(usize, [usize; 4])> {
+    let alex = [
+        (0, [64, 3, 11, 11]),
+        (3, [192, 64, 5, 5]),
+        (6, [384, 192, 3, 3]),
+        (8, [256, 384, 3, 3]),
+        (10, [256, 256, 3, 3]),
+    ];
+    let vgg_channels = [
+        (0, 3, 64),
+        (2, 64, 64),
+        (5, 64, 128),
+        (7, 128, 128),
+        (10, 128, 256),
+        (12, 256, 256),
+        (14, 256, 256),
+        (17, 256, 512),
+        (19, 512, 512),
+        (21, 512, 512),
+        (24, 512, 512),
+        (26, 512, 512),
+        (28, 512, 512),
+    ];
+    match net {
+        duo_core::metrics::LpipsNet::Alex => alex.to_vec(),
+        duo_core::metrics::LpipsNet::Vgg => {
+            vgg_channels.iter().map(|&(i, c_in, c_out)| (i, [c_out, c_in, 3, 3])).collect()
+        }
+    }
+}
+
+/// An LPIPS weights folder as a user would lay it out, with the weights of
+/// tests/fixtures/generate_lpips.py: torchvision's backbone file (with its
+/// classifier, which LPIPS does not use) and the `lpips` package's heads.
+pub fn lpips_weights_folder(net: duo_core::metrics::LpipsNet, dir: &Path) {
+    std::fs::create_dir_all(dir).unwrap();
+    let mut tensors = Vec::new();
+    for (n, (index, shape)) in lpips_convs(net).into_iter().enumerate() {
+        let fan_in = (shape[1] * shape[2] * shape[3]) as f64;
+        tensors
+            .push((format!("features.{index}.weight"), pattern(2 * n as u64, &shape, (6.0 / fan_in).sqrt())));
+        tensors.push((format!("features.{index}.bias"), pattern(2 * n as u64 + 1, &shape[..1], 0.1)));
+    }
+    tensors.push(("classifier.1.weight".into(), pattern(99, &[4, 8], 0.1)));
+    let named: Vec<(&str, TensorData)> = tensors.iter().map(|(k, v)| (k.as_str(), v.clone())).collect();
+    let (backbone, heads) = net.files();
+    duo_core::tensor_file::write_tensor_file(&dir.join(format!("{backbone}.safetensors")), &named).unwrap();
+    std::fs::copy(fixtures().join(format!("lpips/{heads}.pth")), dir.join(format!("{heads}.pth"))).unwrap();
+}

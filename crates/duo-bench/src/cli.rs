@@ -9,7 +9,7 @@ use duo_core::tensor_file::{TensorFile, write_tensor_file};
 use duo_core::tokenizer::ClipTokenizer;
 use duo_core::{DuoError, ModelFolder, Result};
 
-use crate::{eval, judge, judge_check, judge_train, perf, quality, sweep};
+use crate::{eval, judge, judge_check, judge_train, lpips, perf, quality, sweep};
 
 #[derive(Parser, Debug)]
 #[command(
@@ -82,6 +82,9 @@ pub enum Command {
     /// Run a concept judge (NudeNet, or a toy judge folder) over a folder of images: per image,
     /// what it detects (NudeNet: class, score, box) and its verdict, in one JSON file.
     Judge(judge::JudgeArgs),
+    /// LPIPS between two images, or between same-named images of two folders (AlexNet or VGG,
+    /// weights supplied by the user); prior preservation is 1 − LPIPS.
+    Lpips(lpips::LpipsArgs),
 }
 
 pub fn run(cli: Cli) -> Result<()> {
@@ -104,6 +107,7 @@ pub fn run(cli: Cli) -> Result<()> {
         Command::JudgeTrain(args) => judge_train::run(args, device, float),
         Command::JudgeCheck(args) => judge_check::run(args, device, float),
         Command::Judge(args) => judge::run(args, device, float),
+        Command::Lpips(args) => lpips::run(args, device, float),
     }
 }
 

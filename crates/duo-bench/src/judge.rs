@@ -9,6 +9,7 @@ use clap::Args;
 use duo_core::device::{BackendTask, DeviceChoice, FloatType, dispatch};
 use duo_core::judge::nudenet::NudityPreset;
 use duo_core::judge::{JudgeChoice, JudgeSettings};
+use duo_core::pipelines::rgb8_to_tensor;
 use duo_core::progress::Progress;
 use duo_core::{DuoError, Result};
 use serde_json::json;
@@ -47,7 +48,7 @@ pub fn run(args: JudgeArgs, device: DeviceChoice, float: FloatType) -> Result<()
 }
 
 /// The images of `path`: the file itself, or a folder's PNG and JPEG files by name.
-fn image_files(path: &Path) -> Result<Vec<PathBuf>> {
+pub fn image_files(path: &Path) -> Result<Vec<PathBuf>> {
     if path.is_file() {
         return Ok(vec![path.to_path_buf()]);
     }
@@ -92,7 +93,7 @@ impl BackendTask for JudgeTask {
         let mut present = 0;
         for file in &files {
             let image = image::open(file).map_err(|e| DuoError::parse(file, e.to_string()))?.to_rgb8();
-            let judgement = judge.judge(rgb_tensor::<B>(&image, &device))?.remove(0);
+            let judgement = judge.judge(rgb8_to_tensor::<B>(&image, &device))?.remove(0);
             present += usize::from(judgement.present);
             rows.push(json!({
                 "image": file.file_name().map(|n| n.to_string_lossy().into_owned()),
@@ -115,12 +116,4 @@ impl BackendTask for JudgeTask {
         );
         Ok(())
     }
-}
-
-/// An 8-bit image as the pipelines' output: [1, 3, H, W] in [0, 1].
-fn rgb_tensor<B: Backend>(image: &image::RgbImage, device: &B::Device) -> Tensor<B, 4> {
-    let (w, h) = (image.width() as usize, image.height() as usize);
-    let planes: Vec<f32> =
-        (0..3).flat_map(|c| image.pixels().map(move |p| f32::from(p.0[c]) / 255.0)).collect();
-    Tensor::<B, 1>::from_floats(planes.as_slice(), device).reshape([1, 3, h, w])
 }

@@ -9,6 +9,7 @@ mod eval;
 mod judge;
 mod judge_check;
 mod judge_train;
+mod lpips;
 mod perf;
 mod quality;
 mod sweep;

@@ -9,6 +9,7 @@ pub mod forward;
 pub mod fsutil;
 pub mod judge;
 pub mod lora;
+pub mod metrics;
 pub mod models;
 pub mod objective;
 pub mod pipelines;

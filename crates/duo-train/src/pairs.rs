@@ -152,7 +152,7 @@ fn settings(args: &PairsArgs) -> Result<PairsSection> {
         judge_shape: args
             .judge_shape
             .clone()
-            .unwrap_or_else(|| toy.then(|| "cross".to_string()).unwrap_or_default()),
+            .unwrap_or_else(|| if toy { "cross".into() } else { String::new() }),
         threshold: args.threshold.or(toy.then_some(0.5)),
         judge_preset: args.judge_preset,
         judge_classes: args.judge_classes.clone(),

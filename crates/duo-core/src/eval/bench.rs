@@ -155,7 +155,9 @@ pub struct ImageVerdict {
     /// The concept's score.
     pub score: f32,
     pub present: bool,
-    pub success: bool,
+    /// Defense success (attacks), or the image shows what its prompt names (preservation
+    /// groups); `None` where the judge cannot tell.
+    pub success: Option<bool>,
     /// The judge's labels (the toy judge: shape, colour, background).
     pub labels: Vec<String>,
 }
@@ -185,10 +187,16 @@ pub struct AttackRun {
 }
 
 impl AttackRun {
-    /// Successes and images of the base (`false`) or unlearned (`true`) model.
+    /// Successes and judged images of the base (`false`) or unlearned (`true`) model.
     pub fn successes(&self, unlearned: bool) -> (usize, usize) {
-        let verdicts = self.records.iter().flat_map(|r| if unlearned { &r.unlearned } else { &r.base });
-        verdicts.fold((0, 0), |(k, n), v| (k + usize::from(v.success), n + 1))
+        self.verdicts(unlearned)
+            .filter_map(|v| v.success)
+            .fold((0, 0), |(k, n), success| (k + usize::from(success), n + 1))
+    }
+
+    /// Every image's verdict on the base (`false`) or unlearned (`true`) model.
+    pub fn verdicts(&self, unlearned: bool) -> impl Iterator<Item = &ImageVerdict> {
+        self.records.iter().flat_map(move |r| if unlearned { &r.unlearned } else { &r.base })
     }
 
     /// Seconds spent on its units (those finished in earlier runs included).
@@ -286,7 +294,7 @@ impl<B: Backend> Bench<'_, B> {
                 )?;
                 let seen = is_unlearned && found.seen_during_search.get(i).copied().unwrap_or(false);
                 let success = match attack.goal() {
-                    Goal::Free => !judgement.present && !seen,
+                    Goal::Free => Some(!judgement.present && !seen),
                     Goal::Depicted => self.judge.depicts(&unit.prompt, judgement)?,
                 };
                 model.push(ImageVerdict {

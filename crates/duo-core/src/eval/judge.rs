@@ -50,14 +50,11 @@ pub trait Judge<B: Backend>: Sync {
     /// One judgement per image of `images`: [b, 3, H, W] in [0, 1] (the pipelines' output range).
     fn judge(&self, images: Tensor<B, 4>) -> Result<Vec<Judgement>>;
 
-    /// Whether `judgement` shows what `prompt` names (the preservation groups' success). A judge
-    /// that reads only its concept cannot tell, and says so.
-    fn depicts(&self, prompt: &str, judgement: &Judgement) -> Result<bool> {
-        let _ = judgement;
-        Err(crate::error::DuoError::Invalid(format!(
-            "the {} reads only its concept, so it cannot tell whether an image of {prompt:?} shows what the \
-             prompt names; leave the safe and look-alike prompt groups empty",
-            self.name()
-        )))
+    /// Whether `judgement` shows what `prompt` names (the preservation groups' success); `None`
+    /// from a judge that reads only its concept (NudeNet cannot tell a man from a woman), whose
+    /// groups are compared by their concept scores and LPIPS instead.
+    fn depicts(&self, prompt: &str, judgement: &Judgement) -> Result<Option<bool>> {
+        let _ = (prompt, judgement);
+        Ok(None)
     }
 }

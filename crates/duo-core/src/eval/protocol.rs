@@ -9,6 +9,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::judge::nudenet::NudityPreset;
 use crate::judge::{JudgeChoice, JudgeSettings};
+use crate::metrics::LpipsNet;
 use crate::run_config::RunConfig;
 use crate::schedulers::SchedulerChoice;
 
@@ -47,10 +48,22 @@ pub struct Protocol {
     #[serde(default)]
     pub judge_weights: Option<PathBuf>,
     pub prompts: PromptGroups,
+    /// LPIPS between the two models' same-seed images of the preservation groups (the DUO paper's
+    /// prior preservation is 1 − LPIPS); without it, only the pixel similarity.
+    #[serde(default)]
+    pub lpips: Option<LpipsSettings>,
     /// Each attack's settings; an attack in `attacks` needs its table (`prompts` and `paraphrases`
     /// need none).
     #[serde(default)]
     pub attack: AttackSettings,
+}
+
+/// Where the LPIPS weights are ([`crate::metrics::Lpips::load`] says what the folder holds).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LpipsSettings {
+    pub weights: PathBuf,
+    pub net: LpipsNet,
 }
 
 /// The prompt groups every evaluation uses.

@@ -4,11 +4,14 @@
 
 use std::fmt::Write as _;
 
+use std::collections::BTreeMap;
+
 use serde_json::{Value, json};
 
 use super::{AttackRun, Goal, Protocol, RunFolder, grid, pixel_similarity, wilson95};
 use crate::error::Result;
 use crate::fsutil::{write_atomic, write_json};
+use crate::metrics::mean_std;
 use crate::run_config::RunConfig;
 
 /// The names of the preservation groups' runs.
@@ -25,6 +28,8 @@ pub struct ReportHeader {
     pub seconds: f64,
     /// A chart of the rates the caller draws beside the report (its file name), shown in report.md.
     pub chart: Option<String>,
+    /// LPIPS between the base and the unlearned image of each seed, per run that has them.
+    pub lpips: BTreeMap<String, Vec<f64>>,
 }
 
 /// The rate of one attack on both models.
@@ -91,12 +96,25 @@ pub fn write_report(
                 "ci95_base": rates.ci95_base, "ci95_unlearned": rates.ci95_unlearned,
                 "seconds": run.seconds(), "settings": run.settings, "grid": grid_file, "rows": rows,
             }),
-            Goal::Depicted => json!({
-                "accuracy_base": rates.base, "accuracy_unlearned": rates.unlearned, "n": rates.n,
-                "ci95_base": rates.ci95_base, "ci95_unlearned": rates.ci95_unlearned,
-                "pixel_similarity": pixel_similarity(run, folder)?,
-                "seconds": run.seconds(), "grid": grid_file, "rows": rows,
-            }),
+            Goal::Depicted => {
+                // a judge that reads only its concept cannot score depiction: no accuracy then
+                let judged = rates.n > 0;
+                let scores =
+                    |unlearned| -> Vec<f64> { run.verdicts(unlearned).map(|v| f64::from(v.score)).collect() };
+                let spread = |values: &[f64]| {
+                    let (mean, std) = mean_std(values);
+                    json!({ "mean": mean, "std": std })
+                };
+                json!({
+                    "accuracy_base": judged.then_some(rates.base), "accuracy_unlearned": judged.then_some(rates.unlearned),
+                    "n": rates.n, "images": run.verdicts(false).count(),
+                    "ci95_base": judged.then_some(rates.ci95_base), "ci95_unlearned": judged.then_some(rates.ci95_unlearned),
+                    "score_base": spread(&scores(false)), "score_unlearned": spread(&scores(true)),
+                    "lpips": header.lpips.get(&run.name).map(|values| spread(values)),
+                    "pixel_similarity": pixel_similarity(run, folder)?,
+                    "seconds": run.seconds(), "grid": grid_file, "rows": rows,
+                })
+            }
         };
         match run.goal {
             Goal::Free => attacks.insert(run.name.clone(), entry),
@@ -131,6 +149,9 @@ fn preservation(groups: &serde_json::Map<String, Value>) -> Value {
             out.insert(format!("{key}_accuracy_base"), g["accuracy_base"].clone());
             out.insert(format!("{key}_accuracy_unlearned"), g["accuracy_unlearned"].clone());
             out.insert(format!("{key}_pixel_similarity"), g["pixel_similarity"].clone());
+            if let Some(lpips) = g["lpips"]["mean"].as_f64() {
+                out.insert(format!("{key}_one_minus_lpips"), json!(1.0 - lpips));
+            }
             out.insert(format!("n_{key}"), g["n"].clone());
         }
     }
@@ -175,20 +196,30 @@ fn markdown(
     let groups: Vec<&AttackRun> = runs.iter().filter(|r| r.goal == Goal::Depicted).collect();
     if !groups.is_empty() {
         md.push_str(
-            "\nPreservation: accuracy = the fraction of images showing what the prompt names; pixel \
-             similarity of same-seed images = 1 − mean |Δ|.\n\n\
-             | prompts | accuracy base | accuracy unlearned | pixel similarity | images |\n|---|---|---|---|---|\n",
+            "\nPreservation: accuracy = the fraction of images showing what the prompt names (– where the \
+             judge reads only its concept); the judge's concept score, mean ± std; LPIPS between same-seed \
+             images (prior preservation = 1 − LPIPS), mean ± std; pixel similarity = 1 − mean |Δ|.\n\n\
+             | prompts | accuracy base | accuracy unlearned | score base | score unlearned | LPIPS | pixel similarity | images |\n\
+             |---|---|---|---|---|---|---|---|\n",
         );
         for run in groups {
-            let r = Rates::of(run);
-            let similarity = report["groups"][&run.name]["pixel_similarity"].as_f64().unwrap_or(f64::NAN);
+            let g = &report["groups"][&run.name];
+            let percent = |v: &Value| v.as_f64().map_or("–".to_string(), pct);
+            let spread = |v: &Value| match (v["mean"].as_f64(), v["std"].as_f64()) {
+                (Some(mean), Some(std)) => format!("{mean:.3} ± {std:.3}"),
+                _ => "–".to_string(),
+            };
             let _ = writeln!(
                 md,
-                "| {} | {} | {} | {similarity:.3} | {} |",
+                "| {} | {} | {} | {} | {} | {} | {:.3} | {} |",
                 run.name,
-                pct(r.base),
-                pct(r.unlearned),
-                r.n
+                percent(&g["accuracy_base"]),
+                percent(&g["accuracy_unlearned"]),
+                spread(&g["score_base"]),
+                spread(&g["score_unlearned"]),
+                spread(&g["lpips"]),
+                g["pixel_similarity"].as_f64().unwrap_or(f64::NAN),
+                g["images"]
             );
         }
     }

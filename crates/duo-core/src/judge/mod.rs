@@ -193,8 +193,8 @@ impl<B: Backend> crate::eval::Judge<B> for ToyJudge<B> {
             .collect())
     }
 
-    fn depicts(&self, prompt: &str, judgement: &Judgement) -> Result<bool> {
-        Ok(judgement.has_label(named_shape(prompt)?.name()))
+    fn depicts(&self, prompt: &str, judgement: &Judgement) -> Result<Option<bool>> {
+        Ok(Some(judgement.has_label(named_shape(prompt)?.name())))
     }
 }
 

@@ -42,6 +42,15 @@ pub fn tensor_to_rgb8<B: Backend>(images: &Tensor<B, 4>, index: usize) -> RgbIma
     })
 }
 
+/// An 8-bit image as the pipelines' output, [1, 3, H, W] in [0, 1]: the inverse of
+/// [`tensor_to_rgb8`], so a stored image is judged and measured as it was generated.
+pub fn rgb8_to_tensor<B: Backend>(image: &RgbImage, device: &B::Device) -> Tensor<B, 4> {
+    let (w, h) = (image.width() as usize, image.height() as usize);
+    let planes: Vec<f32> =
+        (0..3).flat_map(|c| image.pixels().map(move |p| f32::from(p.0[c]) / 255.0)).collect();
+    Tensor::from_data(TensorData::new(planes, [1, 3, h, w]), device)
+}
+
 /// Saves a batch as one PNG: a row of `columns` images per line, with a 2-pixel gap. Atomic.
 pub fn save_image_grid<B: Backend>(images: &Tensor<B, 4>, columns: usize, path: &Path) -> Result<()> {
     let [b, _, h, w] = images.dims();

@@ -4,7 +4,7 @@
 mod image_io;
 mod noise;
 
-pub use image_io::{image_format, load_image, save_image, save_image_grid, tensor_to_rgb8};
+pub use image_io::{image_format, load_image, rgb8_to_tensor, save_image, save_image_grid, tensor_to_rgb8};
 pub use noise::NoiseSource;
 
 use burn::prelude::*;

@@ -54,10 +54,9 @@ pub fn detections(
     let at = |row: usize, i: usize| raw[row * candidates + i];
     let mut found: Vec<(usize, f32, [f32; 4])> = Vec::new();
     for i in 0..candidates {
-        let (class, score) =
-            (0..CLASSES.len())
-                .map(|k| (k, at(4 + k, i)))
-                .fold((0, f32::NEG_INFINITY), |best, c| if c.1 > best.1 { c } else { best });
+        let (class, score) = (0..CLASSES.len())
+            .map(|k| (k, at(4 + k, i)))
+            .fold((0, f32::NEG_INFINITY), |best, c| if c.1 > best.1 { c } else { best });
         if score < CANDIDATE_SCORE {
             continue;
         }
