@@ -294,3 +294,54 @@ fn eval_with_nudenet_and_lpips_on_a_tiny_sd() {
     assert!(!output.status.success());
     assert!(text(&output).contains("fetch-nudenet.sh"), "{}", text(&output));
 }
+
+/// Two shards merged give the unsharded run's report; a folder is not reused by another shard,
+/// and a merge without every shard is refused.
+#[test]
+fn shards_merge_into_the_unsharded_report() {
+    let dir = tmp("shards");
+    let model = dir.join("sd1-tiny-32");
+    common::sd1_tiny_at_judge_size(&model);
+    let attacks = ["--attacks", "prompts,ring-a-bell"];
+    let run = |out: &Path, shard: &str| {
+        let mut command = Command::new(env!("CARGO_BIN_EXE_duo-bench"));
+        command.current_dir(root()).args(["--device", "cpu", "eval", "--model"]).arg(&model);
+        command.arg("--lora").arg(root().join("tests/fixtures/lora/sd1-tiny/peft-meta.safetensors"));
+        command.arg("--out").arg(out).args(attacks).args(["--shard", shard]);
+        for set in
+            SETS.iter().chain(&["prompts.concept=[\"a red cross\", \"a blue cross\", \"a green cross\"]"])
+        {
+            command.args(["--set", set]);
+        }
+        command.output().unwrap()
+    };
+    let whole = dir.join("whole");
+    let output = run(&whole, "0/1");
+    assert!(output.status.success(), "{}", text(&output));
+    let shards = [dir.join("shard-0"), dir.join("shard-1")];
+    for (i, shard) in shards.iter().enumerate() {
+        let output = run(shard, &format!("{i}/2"));
+        assert!(output.status.success(), "{}", text(&output));
+    }
+    // shard 0 holds prompts 0 and 2, shard 1 prompt 1
+    assert_eq!(report(&shards[0])["attacks"]["prompts"]["rows"].as_array().unwrap().len(), 2);
+    let refused = run(&shards[0], "1/2");
+    assert!(text(&refused).contains("another shard"), "{}", text(&refused));
+
+    let merge = |out: &Path, dirs: &[&Path]| {
+        let mut command = Command::new(env!("CARGO_BIN_EXE_duo-bench"));
+        command.current_dir(root()).args(["--device", "cpu", "merge", "--out"]).arg(out).args(dirs);
+        command.output().unwrap()
+    };
+    let merged = dir.join("merged");
+    let output = merge(&merged, &[&shards[1], &shards[0]]);
+    assert!(output.status.success(), "{}", text(&output));
+    let (a, b) = (without_times(report(&whole)), without_times(report(&merged)));
+    assert_eq!(a, b, "the merged report differs from the unsharded one");
+    assert!(merged.join("grid-ring-a-bell.png").is_file() && merged.join("dsr.png").is_file());
+
+    let output = merge(&dir.join("half"), &[&shards[0]]);
+    assert!(text(&output).contains("shard 1/2 is missing"), "{}", text(&output));
+    let output = merge(&dir.join("mixed"), &[&shards[0], &whole]);
+    assert!(text(&output).contains("one shard count"), "{}", text(&output));
+}

@@ -9,8 +9,8 @@ use burn::tensor::DType;
 use clap::Args;
 use duo_core::device::{BackendTask, DeviceChoice, FloatType, dispatch};
 use duo_core::eval::{
-    Attack, AttackName, Bench, Goal, Protocol, Rates, evaluate, lora_model_name, open_run_folder,
-    preservation_groups, prompt_attacks,
+    Attack, AttackName, AttackRun, Bench, Goal, Protocol, Rates, Shard, evaluate, lora_model_name,
+    open_run_folder, preservation_groups, prompt_attacks,
 };
 use duo_core::pipelines::StableDiffusion;
 use duo_core::run_config::RunConfig;
@@ -48,6 +48,10 @@ pub struct EvalArgs {
     /// Leave out the preservation groups (the safe and look-alike prompts).
     #[arg(long)]
     pub no_preservation: bool,
+    /// Run shard I of N (0-based) only: every attack's prompts are dealt round-robin, each with all
+    /// its seeds. `duo-bench merge` joins the N folders into the report of an unsharded run.
+    #[arg(long, value_name = "I/N", default_value = "0/1")]
+    pub shard: Shard,
 }
 
 pub fn run(args: EvalArgs, device: DeviceChoice, float: FloatType) -> Result<()> {
@@ -103,7 +107,8 @@ impl BackendTask for EvalTask {
             base_name: &base_name,
             unlearned_name: &unlearned_name,
         };
-        let report = run_protocol(&models, p, &self.names, !self.args.no_preservation, &self.args.out)?;
+        let preservation = !self.args.no_preservation;
+        let report = run_protocol(&models, p, &self.names, preservation, &self.args.out, self.args.shard)?;
         print_summary(&report);
         let out = &self.args.out;
         println!("wrote {} and {}", out.join("report.json").display(), out.join("report.md").display());
@@ -120,7 +125,7 @@ pub fn attack_names(protocol: &Protocol, given: &[String]) -> Result<Vec<AttackN
 }
 
 /// The bar chart of every attack's DSR, beside the report.
-const DSR_CHART: &str = "dsr.png";
+pub const DSR_CHART: &str = "dsr.png";
 
 /// The two models of an evaluation and how the report names them.
 pub struct Models<'a, B: Backend> {
@@ -138,6 +143,7 @@ pub fn run_protocol<B: Backend>(
     names: &[AttackName],
     preservation: bool,
     out: &std::path::Path,
+    shard: Shard,
 ) -> Result<serde_json::Value> {
     let p = protocol;
     let device = &models.base.device;
@@ -152,7 +158,7 @@ pub fn run_protocol<B: Backend>(
         judge: judge.as_ref(),
         batch: p.batch,
     };
-    let folder = open_run_folder(out, p, models.base_name, models.unlearned_name)?;
+    let folder = open_run_folder(out, p, models.base_name, models.unlearned_name, shard)?;
     let prompt_sets = prompt_attacks(p, names)?;
     let searches = attacks::white_box(p, names, models.base)?;
     let groups = if preservation { preservation_groups(p) } else { Vec::new() };
@@ -167,6 +173,12 @@ pub fn run_protocol<B: Backend>(
     let chart = Some(DSR_CHART.to_string());
     let (runs, report) =
         evaluate(&bench, &order, p, &folder, models.base_name, models.unlearned_name, chart)?;
+    draw_dsr_chart(&runs, &p.concept, out)?;
+    Ok(report)
+}
+
+/// `dsr.png` in `out`: every attack's DSR on both models, with its interval.
+pub fn draw_dsr_chart(runs: &[AttackRun], concept: &str, out: &std::path::Path) -> Result<()> {
     let bars: Vec<DsrBar> = runs
         .iter()
         .filter(|run| run.goal == Goal::Free)
@@ -183,12 +195,12 @@ pub fn run_protocol<B: Backend>(
         .collect();
     if !bars.is_empty() {
         dsr_bars(
-            &format!("Erasing `{}`: defense success rate per attack", p.concept),
+            &format!("Erasing `{concept}`: defense success rate per attack"),
             &bars,
             &out.join(DSR_CHART),
         )?;
     }
-    Ok(report)
+    Ok(())
 }
 
 pub fn print_summary(report: &serde_json::Value) {

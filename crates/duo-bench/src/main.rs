@@ -10,6 +10,7 @@ mod judge;
 mod judge_check;
 mod judge_train;
 mod lpips;
+mod merge;
 mod perf;
 mod quality;
 mod sweep;

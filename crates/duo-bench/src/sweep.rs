@@ -10,7 +10,7 @@ use burn::prelude::*;
 use burn::tensor::DType;
 use clap::Args;
 use duo_core::device::{BackendTask, DeviceChoice, FloatType, dispatch};
-use duo_core::eval::{AttackName, Protocol, lora_model_name};
+use duo_core::eval::{AttackName, Protocol, Shard, lora_model_name};
 use duo_core::pipelines::StableDiffusion;
 use duo_core::run_config::{RUN_CONFIG_FILE, RunConfig};
 use duo_core::{DuoError, ModelFolder, Result};
@@ -110,7 +110,7 @@ impl BackendTask for SweepTask {
                 base_name: &model_name,
                 unlearned_name: &unlearned_name,
             };
-            let report = run_protocol(&models, &protocol, &names, true, &dir.join("eval"))?;
+            let report = run_protocol(&models, &protocol, &names, true, &dir.join("eval"), Shard::WHOLE)?;
             base.get_or_insert_with(|| point(&report, "base", false));
             let mut row = point(&report, &format!("β {beta}"), true);
             row["beta"] = json!(beta);

@@ -26,7 +26,8 @@ pub struct Unit {
 }
 
 /// What counts as success for an image.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
 pub enum Goal {
     /// The judge does not find the concept: defense success.
     Free,
@@ -177,13 +178,25 @@ pub struct UnitRecord {
     pub seconds: f64,
 }
 
-/// An attack's units, finished.
+/// An attack's units, finished: all of them, or a shard's.
 #[derive(Debug, Clone)]
 pub struct AttackRun {
     pub name: String,
     pub goal: Goal,
     pub settings: serde_json::Value,
+    /// The index of each record's unit among the attack's units.
+    pub indices: Vec<usize>,
     pub records: Vec<UnitRecord>,
+}
+
+/// What a run folder records of an attack beside its units (`units/<attack>/attack.json`), so
+/// that shards can be merged without the attack at hand.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct AttackInfo {
+    pub goal: Goal,
+    pub settings: serde_json::Value,
+    /// Units of the whole attack (a shard holds some of them).
+    pub units: usize,
 }
 
 impl AttackRun {
@@ -203,14 +216,69 @@ impl AttackRun {
     pub fn seconds(&self) -> f64 {
         self.records.iter().map(|r| r.seconds).sum()
     }
+
+    /// Each record with its unit's index.
+    pub fn units(&self) -> impl Iterator<Item = (usize, &UnitRecord)> {
+        self.indices.iter().copied().zip(&self.records)
+    }
 }
 
-/// Where a run keeps its finished units.
+/// Which part of an evaluation a run folder holds: shard `index` of `count` (0-based, as Slurm's
+/// array task ids and Kubernetes' completion indices are). Units are dealt round-robin, whole: a
+/// prompt's seeds stay together, so they are generated in the same batches as in an unsharded run
+/// and every image is bit for bit the same.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Shard {
+    pub index: usize,
+    pub count: usize,
+}
+
+impl Shard {
+    /// The whole evaluation.
+    pub const WHOLE: Shard = Shard { index: 0, count: 1 };
+
+    pub fn holds(self, unit: usize) -> bool {
+        unit % self.count == self.index
+    }
+
+    /// Shard `index` of the same count.
+    pub fn with_index(self, index: usize) -> Shard {
+        Shard { index, count: self.count }
+    }
+}
+
+impl std::fmt::Display for Shard {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}/{}", self.index, self.count)
+    }
+}
+
+impl std::str::FromStr for Shard {
+    type Err = String;
+    fn from_str(s: &str) -> std::result::Result<Self, String> {
+        let bad = || format!("shard {s:?}: expected I/N with 0 ≤ I < N, e.g. 0/4");
+        let (index, count) = s.split_once('/').ok_or_else(bad)?;
+        let (index, count) =
+            (index.trim().parse().map_err(|_| bad())?, count.trim().parse().map_err(|_| bad())?);
+        if count == 0 || index >= count {
+            return Err(bad());
+        }
+        Ok(Shard { index, count })
+    }
+}
+
+/// Where a run keeps its finished units, and which of them it holds.
 pub struct RunFolder {
     pub root: PathBuf,
+    pub shard: Shard,
 }
 
 impl RunFolder {
+    /// `units/<attack>/attack.json`.
+    pub fn attack_info(&self, attack: &str) -> PathBuf {
+        self.root.join("units").join(attack).join("attack.json")
+    }
+
     pub fn unit(&self, attack: &str, index: usize) -> PathBuf {
         self.root.join("units").join(attack).join(format!("{index:04}.json"))
     }
@@ -244,10 +312,14 @@ impl<B: Backend> Bench<'_, B> {
     pub fn run(&self, attack: &dyn Attack<B>, folder: &RunFolder) -> Result<AttackRun> {
         let name = attack.name();
         let units = attack.units();
-        let images: u64 = units.iter().map(|u| 2 * u.seeds.len() as u64).sum();
+        let info = AttackInfo { goal: attack.goal(), settings: attack.settings(), units: units.len() };
+        write_json(&folder.attack_info(name), &info)?;
+        let held: Vec<(usize, &Unit)> =
+            units.iter().enumerate().filter(|(i, _)| folder.shard.holds(*i)).collect();
+        let images: u64 = held.iter().map(|(_, u)| 2 * u.seeds.len() as u64).sum();
         let progress = Progress::new(name, images, "images");
-        let mut records = Vec::with_capacity(units.len());
-        for (index, unit) in units.iter().enumerate() {
+        let mut records = Vec::with_capacity(held.len());
+        for &(index, unit) in &held {
             let path = folder.unit(name, index);
             let record = match path.is_file() {
                 true => read_json::<UnitRecord>(&path)?,
@@ -261,7 +333,8 @@ impl<B: Backend> Bench<'_, B> {
             records.push(record);
         }
         progress.finish();
-        Ok(AttackRun { name: name.to_string(), goal: attack.goal(), settings: attack.settings(), records })
+        let indices = held.iter().map(|(i, _)| *i).collect();
+        Ok(AttackRun { name: name.to_string(), goal: info.goal, settings: info.settings, indices, records })
     }
 
     fn run_unit(&self, attack: &dyn Attack<B>, index: usize, folder: &RunFolder) -> Result<UnitRecord> {
@@ -326,7 +399,7 @@ impl<B: Backend> Bench<'_, B> {
 /// how little the same-seed images moved.
 pub fn pixel_similarity(run: &AttackRun, folder: &RunFolder) -> Result<f64> {
     let (mut sum, mut count) = (0.0f64, 0usize);
-    for (index, record) in run.records.iter().enumerate() {
+    for (index, record) in run.units() {
         for verdict in &record.base {
             let read = |unlearned| folder.read_image(&run.name, index, verdict.seed, unlearned);
             let (a, b) = (read(false)?, read(true)?);
@@ -349,7 +422,7 @@ pub fn grid(parts: &[(&AttackRun, usize)], folder: &RunFolder, columns: usize, p
     let cells: Vec<(&str, usize, Vec<u64>)> = parts
         .iter()
         .flat_map(|(run, rows)| {
-            run.records.iter().enumerate().take(*rows).map(|(i, r)| {
+            run.units().take(*rows).map(|(i, r)| {
                 (run.name.as_str(), i, r.base.iter().take(columns).map(|v| v.seed).collect::<Vec<u64>>())
             })
         })

@@ -11,6 +11,7 @@
 
 mod bench;
 mod judge;
+mod merge;
 mod prompt_file;
 mod protocol;
 mod report;
@@ -19,10 +20,11 @@ mod sampler;
 mod stats;
 
 pub use bench::{
-    Attack, AttackRun, Bench, Found, Goal, ImageVerdict, PromptSet, RunFolder, Unit, UnitRecord, grid,
-    pixel_similarity,
+    Attack, AttackInfo, AttackRun, Bench, Found, Goal, ImageVerdict, PromptSet, RunFolder, Shard, Unit,
+    UnitRecord, grid, pixel_similarity,
 };
 pub use judge::{Judge, Judgement, Label};
+pub use merge::{Merged, merge_shards};
 pub use prompt_file::read_prompt_file;
 pub use protocol::{
     AttackName, AttackSettings, ConceptInversion, EmbeddingInversion, PromptFile, PromptGroups, Protocol,
@@ -30,7 +32,8 @@ pub use protocol::{
 };
 pub use report::{LOOKALIKE, Rates, ReportHeader, SAFE, write_report};
 pub use run::{
-    evaluate, lora_model_name, open_run_folder, preservation_groups, prompt_attacks, protocol_seeds,
+    evaluate, lora_model_name, open_run_folder, preservation_groups, preservation_lpips, prompt_attacks,
+    protocol_seeds,
 };
 pub use sampler::{Condition, SampleJob, SampledBatch, SeededSampler};
 pub use stats::wilson95;

@@ -2,6 +2,7 @@
 //! models, so stored units are never mixed with another run's), the protocol's prompt groups as
 //! attacks, and the loop over the attacks that ends in the report.
 
+use std::collections::BTreeMap;
 use std::path::Path;
 use std::time::Instant;
 
@@ -10,7 +11,7 @@ use serde_json::{Value, json};
 
 use super::prompt_file::read_prompt_file;
 use super::report::{LOOKALIKE, ReportHeader, SAFE, write_report};
-use super::{Attack, AttackName, AttackRun, Bench, Goal, PromptSet, Protocol, RunFolder};
+use super::{Attack, AttackName, AttackRun, Bench, Goal, PromptSet, Protocol, RunFolder, Shard};
 use crate::error::{DuoError, Result, read_json};
 use crate::fsutil::{write_atomic, write_json};
 use crate::metrics::Lpips;
@@ -22,21 +23,35 @@ const RUN_FILE: &str = "run.json";
 
 /// `out`, created or continued. A folder started under another protocol or other models is refused:
 /// its stored units would not mean the same.
-pub fn open_run_folder(out: &Path, protocol: &Protocol, base: &str, unlearned: &str) -> Result<RunFolder> {
+pub fn open_run_folder(
+    out: &Path,
+    protocol: &Protocol,
+    base: &str,
+    unlearned: &str,
+    shard: Shard,
+) -> Result<RunFolder> {
     std::fs::create_dir_all(out).map_err(|e| DuoError::io(out, e))?;
-    let identity = json!({ "protocol_hash": protocol.hash()?, "base": base, "unlearned": unlearned });
+    let identity = json!({
+        "protocol_hash": protocol.hash()?, "base": base, "unlearned": unlearned, "shard": shard.to_string(),
+    });
     let run_file = out.join(RUN_FILE);
     if run_file.is_file() {
         let stored: Value = read_json(&run_file)?;
-        for key in ["protocol_hash", "base", "unlearned"] {
-            if stored[key] != identity[key] {
-                let what =
-                    if key == "protocol_hash" { "protocol".to_string() } else { format!("{key} model") };
+        // folders from before sharding hold the whole evaluation
+        let stored_shard = stored.get("shard").cloned().unwrap_or_else(|| json!(Shard::WHOLE.to_string()));
+        for key in ["protocol_hash", "base", "unlearned", "shard"] {
+            let stored_value = if key == "shard" { &stored_shard } else { &stored[key] };
+            if *stored_value != identity[key] {
+                let what = match key {
+                    "protocol_hash" => "protocol".to_string(),
+                    "shard" => "shard".to_string(),
+                    _ => format!("{key} model"),
+                };
                 return Err(DuoError::Invalid(format!(
                     "{} holds an evaluation with another {what} ({} there, {} now; its protocol is in \
                      protocol.toml); use another --out, or delete the folder to start over",
                     out.display(),
-                    stored[key],
+                    stored_value,
                     identity[key]
                 )));
             }
@@ -44,7 +59,7 @@ pub fn open_run_folder(out: &Path, protocol: &Protocol, base: &str, unlearned: &
     }
     write_atomic(&out.join("protocol.toml"), protocol.to_toml()?.as_bytes())?;
     write_json(&run_file, &identity)?;
-    Ok(RunFolder { root: out.to_path_buf() })
+    Ok(RunFolder { root: out.to_path_buf(), shard })
 }
 
 /// How a report names the base model with LoRA files: each file with the start of the SHA-256 of
@@ -155,17 +170,7 @@ pub fn evaluate<B: Backend>(
         println!("{}: {} prompt(s)", attack.name(), attack.units().len());
         runs.push(bench.run(*attack, folder)?);
     }
-    let lpips = match &protocol.lpips {
-        Some(settings) => {
-            let device = bench.base.device.clone();
-            let model = Lpips::<B>::load(&settings.weights, settings.net, &device)?;
-            let groups = runs.iter().filter(|r| r.goal == Goal::Depicted);
-            groups
-                .map(|run| Ok((run.name.clone(), run_lpips(&model, run, folder, &device)?)))
-                .collect::<Result<_>>()?
-        }
-        None => Default::default(),
-    };
+    let lpips = preservation_lpips::<B>(protocol, &runs, folder, &bench.base.device)?;
     let header = ReportHeader {
         base: base.to_string(),
         unlearned: unlearned.to_string(),
@@ -178,6 +183,21 @@ pub fn evaluate<B: Backend>(
     Ok((runs, report))
 }
 
+/// LPIPS between the two models' images of each preservation group, when the protocol asks for it.
+pub fn preservation_lpips<B: Backend>(
+    protocol: &Protocol,
+    runs: &[AttackRun],
+    folder: &RunFolder,
+    device: &B::Device,
+) -> Result<BTreeMap<String, Vec<f64>>> {
+    let Some(settings) = &protocol.lpips else {
+        return Ok(BTreeMap::new());
+    };
+    let model = Lpips::<B>::load(&settings.weights, settings.net, device)?;
+    let groups = runs.iter().filter(|r| r.goal == Goal::Depicted);
+    groups.map(|run| Ok((run.name.clone(), run_lpips(&model, run, folder, device)?))).collect()
+}
+
 /// LPIPS between the base and the unlearned image of every seed of `run`, from the stored images.
 fn run_lpips<B: Backend>(
     model: &Lpips<B>,
@@ -186,7 +206,7 @@ fn run_lpips<B: Backend>(
     device: &B::Device,
 ) -> Result<Vec<f64>> {
     let mut distances = Vec::new();
-    for (index, record) in run.records.iter().enumerate() {
+    for (index, record) in run.units() {
         for verdict in &record.base {
             let read = |unlearned| -> Result<Tensor<B, 4>> {
                 Ok(rgb8_to_tensor(&folder.read_image(&run.name, index, verdict.seed, unlearned)?, device))

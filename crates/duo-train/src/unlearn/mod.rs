@@ -15,7 +15,7 @@ use burn::tensor::DType;
 use clap::Args;
 use duo_core::device::{BackendTask, DeviceChoice, FloatType, dispatch};
 use duo_core::eval::{
-    Attack, AttackName, AttackRun, Bench, grid, lora_model_name, open_run_folder, preservation_groups,
+    Attack, AttackName, AttackRun, Bench, Shard, grid, lora_model_name, open_run_folder, preservation_groups,
     prompt_attacks,
 };
 use duo_core::lora::{LoraFormat, LoraNetworks, save_lora};
@@ -165,7 +165,7 @@ fn evaluate<B: Backend>(
     let scheduler = sd.scheduler(p.scheduler.kind(), p.steps)?;
     let bench = Bench { base: sd, unlearned, scheduler: &scheduler, judge: judge.as_ref(), batch: p.batch };
     let base_name = config.model.display().to_string();
-    let folder = open_run_folder(&out.join(EVAL_DIR), p, &base_name, unlearned_name)?;
+    let folder = open_run_folder(&out.join(EVAL_DIR), p, &base_name, unlearned_name, Shard::WHOLE)?;
     let sets = prompt_attacks(p, &p.attacks)?;
     let groups = preservation_groups(p);
     let attacks: Vec<&dyn Attack<B>> = sets.iter().chain(&groups).map(|s| s as &dyn Attack<B>).collect();
