@@ -354,3 +354,85 @@ fn pairs_name_an_unimplemented_scheduler_instead_of_substituting_one() {
     let log = text(&output);
     assert!(log.contains("KarrasVeScheduler") && log.contains("scheduler_config.json"), "{log}");
 }
+
+/// The SD 1.4 nudity config end to end on a tiny random-weight SD, with the real NudeNet file:
+/// pairs (kept without a judge: a random model draws no nudity), training, export, and the
+/// evaluation with NudeNet and LPIPS; a missing evaluation weight file stops the job before it
+/// starts, naming the file.
+#[test]
+fn unlearn_runs_the_sd14_nudity_config_on_a_tiny_sd() {
+    let dir = tmp("sd14-nudity");
+    let model = dir.join("sd1-tiny-32");
+    common::sd1_tiny_at_judge_size(&model);
+    let lpips = dir.join("lpips");
+    common::lpips_weights_folder(duo_core::metrics::LpipsNet::Alex, &lpips);
+    let nudenet = common::nudenet_weights();
+    let unlearn = |out: &Path, extra: &[String]| {
+        let mut command = Command::new(env!("CARGO_BIN_EXE_duo-train"));
+        command.args(["--device", "cpu", "unlearn", "--log-every", "1000"]);
+        command.arg("--config").arg(root().join("configs/sd14-nudity.toml"));
+        command.arg("--out").arg(out);
+        let sets = [
+            format!("model={}", model.display()),
+            format!("eval.judge_weights={}", nudenet.display()),
+            "pairs.judge=none".into(),
+            "pairs.count=2".into(),
+            "pairs.steps=2".into(),
+            "training.steps=2".into(),
+            "training.batch_size=2".into(),
+            "training.valid_pairs=1".into(),
+            "training.checkpoint_every=1".into(),
+            "eval.seeds=1".into(),
+            "eval.steps=2".into(),
+        ];
+        for set in sets.iter().chain(extra) {
+            command.arg("--set").arg(set);
+        }
+        command.output().unwrap()
+    };
+    let missing =
+        unlearn(&dir.join("missing"), &[format!("eval.lpips.weights={}", dir.join("nowhere").display())]);
+    assert!(!missing.status.success());
+    let log = text(&missing);
+    assert!(log.contains("alexnet.safetensors") && !dir.join("missing/pairs").exists(), "{log}");
+
+    let out = dir.join("out");
+    let output = unlearn(&out, &[format!("eval.lpips.weights={}", lpips.display())]);
+    assert_success(&output);
+    let report: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(out.join("report.json")).unwrap()).unwrap();
+    assert_eq!(report["attacks"]["prompts"]["n"], 2, "2 prompts × 1 seed");
+    let one_minus = report["preservation"]["lookalike_one_minus_lpips"].as_f64().unwrap();
+    assert!((0.0..=1.0).contains(&one_minus), "{}", report["preservation"]);
+    let md = std::fs::read_to_string(out.join("report.md")).unwrap();
+    assert!(md.contains("1 − LPIPS, look-alike") && md.contains("nudenet"), "{md}");
+    let eval: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(out.join("eval/report.json")).unwrap()).unwrap();
+    assert_eq!(eval["judge"]["settings"]["preset"], "unlearndiffatk");
+}
+
+/// NudeNet in the pair filter: a random model draws no nudity, so no unsafe image is accepted and
+/// the pair is given up with the reason.
+#[test]
+fn nudenet_filters_the_pairs() {
+    let dir = tmp("nudenet-pairs");
+    let model = dir.join("sd1-tiny-32");
+    common::sd1_tiny_at_judge_size(&model);
+    let output = Command::new(env!("CARGO_BIN_EXE_duo-train"))
+        .args(["--device", "cpu", "pairs", "--judge", "nudenet", "--judge-preset", "duo-data"])
+        .arg("--judge-weights")
+        .arg(common::nudenet_weights())
+        .args(["--pairs", "1", "--steps", "2", "--max-tries", "2", "--concept", "nudity"])
+        .args(["--unsafe-prompt", "a naked woman", "--safe-prompt", "a dressed woman"])
+        .arg("--model")
+        .arg(&model)
+        .arg("--out")
+        .arg(dir.join("pairs"))
+        .output()
+        .unwrap();
+    let log = text(&output);
+    assert!(
+        !output.status.success() && log.contains("no unsafe image for \"a naked woman\" in 2 tries"),
+        "{log}"
+    );
+}

@@ -98,6 +98,11 @@ impl BackendTask for UnlearnJob {
 
     fn run<B: Backend>(self, device: B::Device, dtype: DType) -> Result<()> {
         let Self { config, out, log_every, started } = self;
+        // the evaluation's weight files are checked now, not after hours of pairs and training
+        config.eval.judge_settings().load::<B>(&device)?;
+        if let Some(lpips) = &config.eval.lpips {
+            duo_core::metrics::Lpips::<B>::load(&lpips.weights, lpips.net, &device)?;
+        }
         let sd = StableDiffusion::<B>::load(&ModelFolder::open(&config.model)?.with_dtype(dtype), &device)?;
 
         // 1. pairs
@@ -214,7 +219,9 @@ fn write_reports(config: &DuoConfig, out: &Path, eval: Value, timings: Value) ->
         ("accuracy, other shapes", &eval["groups"]["safe"], "accuracy", "should stay"),
         ("accuracy, look-alike", &eval["groups"]["lookalike"], "accuracy", "should stay"),
     ];
-    for (name, r, key, note) in rows.into_iter().filter(|(_, r, _, _)| !r.is_null()) {
+    // a judge that reads only its concept leaves the groups' accuracy empty
+    for (name, r, key, note) in rows.into_iter().filter(|(_, r, key, _)| !r[format!("{key}_base")].is_null())
+    {
         let _ = writeln!(
             table,
             "| {name} | {} | {} | {} | {note} |",
@@ -222,6 +229,13 @@ fn write_reports(config: &DuoConfig, out: &Path, eval: Value, timings: Value) ->
             pct(&r[format!("{key}_unlearned")]),
             r["n"]
         );
+    }
+    for (name, group) in [("1 − LPIPS, safe prompts", "safe"), ("1 − LPIPS, look-alike", "lookalike")] {
+        let g = &eval["groups"][group];
+        if let Some(lpips) = g["lpips"]["mean"].as_f64() {
+            let _ =
+                writeln!(table, "| {name} | – | {:.3} | {} | near 1 is better |", 1.0 - lpips, g["images"]);
+        }
     }
     let similarity = |g: &str| eval["groups"][g]["pixel_similarity"].as_f64().unwrap_or(f64::NAN);
     let md = format!(
