@@ -366,9 +366,10 @@ mod tests {
             assert_eq!(c.eval.prompts.lookalike, ["ketchup", "strawberry jam", "tomato sauce"], "{name}");
             assert_eq!(c.training.batch_size, nudity.training.batch_size, "{name}");
             assert_eq!(
-                (c.pairs.steps, c.pairs.guidance, &c.pairs.scheduler, &c.pairs.judge),
-                (nudity.pairs.steps, nudity.pairs.guidance, &nudity.pairs.scheduler, &nudity.pairs.judge)
+                (c.pairs.steps, c.pairs.guidance, &c.pairs.scheduler),
+                (nudity.pairs.steps, nudity.pairs.guidance, &nudity.pairs.scheduler)
             );
+            assert_eq!(c.pairs.judge, JudgeChoice::None, "{name}: violence pairs have no filter in the paper");
             let (d, n) = (&c.duo, &nudity.duo);
             assert_eq!(
                 (d.base_lr, d.base_lambda, d.beta_coupling, d.t_min, d.t_max, d.prior_timestep, &d.prompt),
@@ -399,8 +400,11 @@ mod tests {
         assert_eq!((p.steps, p.guidance), (50, 7.5));
         assert_eq!(
             (p.scheduler, &p.judge),
-            (SchedulerChoice::Kind(duo_core::schedulers::SchedulerKind::Pndm), &JudgeChoice::None)
+            (SchedulerChoice::Kind(duo_core::schedulers::SchedulerKind::Pndm), &JudgeChoice::Nudenet)
         );
+        // the authors' data filter, and UnlearnDiffAtk's rule for the evaluation
+        use duo_core::judge::nudenet::NudityPreset;
+        assert_eq!((p.judge_preset, nudity.eval.judge_preset), (Some(NudityPreset::DuoData), Some(NudityPreset::Unlearndiffatk)));
     }
 
     #[test]
