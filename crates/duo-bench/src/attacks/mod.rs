@@ -11,7 +11,9 @@ mod vocabulary;
 use burn::backend::Autodiff;
 use burn::prelude::*;
 use burn::tensor::FloatDType;
-use duo_core::eval::{Attack, AttackName, Bench, Condition, Protocol, Unit, protocol_seeds};
+use duo_core::eval::{
+    Attack, AttackName, Bench, Condition, Protocol, Unit, protocol_seeds, read_prompt_file,
+};
 use duo_core::models::{ClipTextModel, UNet2DConditionModel};
 use duo_core::pipelines::{NoiseSource, StableDiffusion};
 use duo_core::schedulers::NoiseSchedule;
@@ -27,19 +29,20 @@ pub use unlearndiffatk::UnlearnDiffAtkAttack;
 pub type Grad<B> = Autodiff<B>;
 
 /// The protocol's search attacks among `names`, each starting from the concept prompts with the
-/// protocol's seeds and guidance.
+/// protocol's seeds and guidance, or from the prompts of its prompt file (`[attack.prompts]`).
 pub fn white_box<B: Backend>(
     protocol: &Protocol,
     names: &[AttackName],
     base: &StableDiffusion<B>,
 ) -> Result<Vec<Box<dyn Attack<B>>>> {
     let seeds = protocol_seeds(protocol);
-    let units: Vec<Unit> = protocol
-        .prompts
-        .concept
-        .iter()
-        .map(|prompt| Unit { prompt: prompt.clone(), seeds: seeds.clone(), guidance: protocol.guidance })
-        .collect();
+    // the prompt file's prompts, with their seeds, where the protocol has one
+    let units: Vec<Unit> = match &protocol.attack.prompts {
+        Some(file) => read_prompt_file(file, &seeds, protocol.guidance)?,
+        None => (protocol.prompts.concept.iter())
+            .map(|prompt| Unit { prompt: prompt.clone(), seeds: seeds.clone(), guidance: protocol.guidance })
+            .collect(),
+    };
     let a = &protocol.attack;
     let missing = |name: AttackName| DuoError::Invalid(format!("the protocol has no [attack.{name}] table"));
     let mut attacks: Vec<Box<dyn Attack<B>>> = Vec::new();

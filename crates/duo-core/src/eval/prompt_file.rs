@@ -1,17 +1,24 @@
 //! Prompt files for the `prompts` attack: a CSV in the I2P / UnlearnDiffAtk layout (a `prompt`
-//! column; `evaluation_seed` and `evaluation_guidance` where given; other columns ignored), or a
-//! TOML file with `prompts = ["…", …]`.
+//! column; `evaluation_seed` and `evaluation_guidance`, or I2P's `sd_seed` and `sd_guidance_scale`,
+//! where given; rows chosen by category or nudity percentage; other columns ignored), or a TOML file
+//! with `prompts = ["…", …]`.
 
-use std::path::Path;
-
-use super::Unit;
+use super::{PromptFile, Unit};
 use crate::error::{DuoError, Result, read_to_string};
 
 /// The file's prompts as units. A CSV row's `evaluation_seed` replaces `seeds` and its
 /// `evaluation_guidance` replaces `guidance`; a TOML list takes both from the protocol.
-pub fn read_prompt_file(path: &Path, seeds: &[u64], guidance: f64) -> Result<Vec<Unit>> {
+pub fn read_prompt_file(file: &PromptFile, seeds: &[u64], guidance: f64) -> Result<Vec<Unit>> {
+    let path = file.file.as_path();
+    let is_csv = path.extension().is_some_and(|e| e == "csv");
+    if !is_csv && (file.category.is_some() || file.min_nudity_percentage.is_some()) {
+        return Err(DuoError::parse(
+            path,
+            "category and min_nudity_percentage choose rows of a CSV prompt file",
+        ));
+    }
     let units = match path.extension().and_then(|e| e.to_str()) {
-        Some("csv") => read_csv(path, seeds, guidance)?,
+        Some("csv") => read_csv(file, seeds, guidance)?,
         Some("toml") => {
             #[derive(serde::Deserialize)]
             #[serde(deny_unknown_fields)]
@@ -30,12 +37,13 @@ pub fn read_prompt_file(path: &Path, seeds: &[u64], guidance: f64) -> Result<Vec
         }
     };
     if units.is_empty() {
-        return Err(DuoError::parse(path, "the prompt file holds no prompt"));
+        return Err(DuoError::parse(path, "the prompt file holds no prompt (after its row filters)"));
     }
     Ok(units)
 }
 
-fn read_csv(path: &Path, seeds: &[u64], guidance: f64) -> Result<Vec<Unit>> {
+fn read_csv(file: &PromptFile, seeds: &[u64], guidance: f64) -> Result<Vec<Unit>> {
+    let path = file.file.as_path();
     let mut reader = csv::Reader::from_path(path).map_err(|e| DuoError::parse(path, e.to_string()))?;
     let headers = reader.headers().map_err(|e| DuoError::parse(path, e.to_string()))?.clone();
     let column = |name: &str| headers.iter().position(|h| h.trim() == name);
@@ -48,7 +56,19 @@ fn read_csv(path: &Path, seeds: &[u64], guidance: f64) -> Result<Vec<Unit>> {
             ),
         )
     })?;
-    let (seed_at, guidance_at) = (column("evaluation_seed"), column("evaluation_guidance"));
+    let (seed_at, guidance_at) = (
+        column("evaluation_seed").or(column("sd_seed")),
+        column("evaluation_guidance").or(column("sd_guidance_scale")),
+    );
+    let needed = |name: &str, wanted: bool| -> Result<Option<usize>> {
+        match (wanted, column(name)) {
+            (false, _) => Ok(None),
+            (true, Some(at)) => Ok(Some(at)),
+            (true, None) => Err(DuoError::parse(path, format!("the row filter needs a `{name}` column"))),
+        }
+    };
+    let category_at = needed("categories", file.category.is_some())?;
+    let nudity_at = needed("nudity_percentage", file.min_nudity_percentage.is_some())?;
     let mut units = Vec::new();
     for (row, record) in reader.records().enumerate() {
         // row 1 is the header
@@ -71,6 +91,16 @@ fn read_csv(path: &Path, seeds: &[u64], guidance: f64) -> Result<Vec<Unit>> {
             }
             Ok(Some(value))
         };
+        if let (Some(at), Some(category)) = (category_at, &file.category) {
+            if !field(at).split(',').any(|c| c.trim() == category) {
+                continue;
+            }
+        }
+        if let (Some(at), Some(min)) = (nudity_at, file.min_nudity_percentage) {
+            if number(at, "nudity_percentage")?.is_none_or(|p| p <= min) {
+                continue;
+            }
+        }
         let prompt = field(prompt_at).to_string();
         if prompt.is_empty() {
             return Err(DuoError::parse(path, format!("row {line}: the prompt is empty")));
@@ -99,10 +129,10 @@ fn read_csv(path: &Path, seeds: &[u64], guidance: f64) -> Result<Vec<Unit>> {
 mod tests {
     use super::*;
 
-    fn file(name: &str, text: &str) -> std::path::PathBuf {
+    fn file(name: &str, text: &str) -> PromptFile {
         let path = std::env::temp_dir().join(format!("duo-prompts-{}-{name}", std::process::id()));
         std::fs::write(&path, text).unwrap();
-        path
+        PromptFile { file: path, category: None, min_nudity_percentage: None }
     }
 
     #[test]
@@ -121,6 +151,29 @@ mod tests {
         assert_eq!(units[1], Unit { prompt: "a blue cross".into(), seeds: vec![0, 1], guidance: 7.5 });
         let toml = file("list.toml", "prompts = [\"a red cross\"]\n");
         assert_eq!(read_prompt_file(&toml, &[3], 5.0).unwrap()[0].seeds, vec![3]);
+    }
+
+    #[test]
+    fn i2p_rows_are_chosen_by_category_and_nudity() {
+        // I2P's own column names, and an empty prompt in a row the filter leaves out
+        let i2p = "prompt,categories,nudity_percentage,sd_seed,sd_guidance_scale
+\
+                   a,\"sexual,shocking\",80.5,11,7\n,violence,0,12,7\nc,sexual,20,13,9\nd,harassment,90,14,7\n";
+        let mut rows = file("i2p.csv", i2p);
+        rows.category = Some("sexual".into());
+        let units = read_prompt_file(&rows, &[0], 7.5).unwrap();
+        assert_eq!(units.iter().map(|u| u.prompt.as_str()).collect::<Vec<_>>(), ["a", "c"]);
+        assert_eq!((units[1].seeds.clone(), units[1].guidance), (vec![13], 9.0));
+        rows.min_nudity_percentage = Some(50.0);
+        assert_eq!(read_prompt_file(&rows, &[0], 7.5).unwrap().len(), 1);
+        rows.category = None;
+        let prompts: Vec<String> =
+            read_prompt_file(&rows, &[0], 7.5).unwrap().into_iter().map(|u| u.prompt).collect();
+        assert_eq!(prompts, ["a", "d"]);
+        let mut udiff = file("no-categories.csv", "prompt\nx\n");
+        udiff.category = Some("sexual".into());
+        let err = read_prompt_file(&udiff, &[0], 7.5).unwrap_err().to_string();
+        assert!(err.contains("needs a `categories` column"), "{err}");
     }
 
     #[test]

@@ -144,8 +144,15 @@ pub struct AttackSettings {
 #[serde(deny_unknown_fields)]
 pub struct PromptFile {
     /// A CSV with a `prompt` column and optional `evaluation_seed` and `evaluation_guidance` columns
-    /// (the I2P and UnlearnDiffAtk layouts), or a TOML file with `prompts = [...]`.
+    /// (the I2P and UnlearnDiffAtk layouts; I2P's own `sd_seed` and `sd_guidance_scale` too), or a
+    /// TOML file with `prompts = [...]`. The search attacks start from its prompts as well.
     pub file: PathBuf,
+    /// Only the CSV rows whose `categories` column names this category (I2P's "sexual": 931 rows).
+    #[serde(default)]
+    pub category: Option<String>,
+    /// Only the CSV rows whose `nudity_percentage` is above this (Ring-A-Bell's I2P subset: 50).
+    #[serde(default)]
+    pub min_nudity_percentage: Option<f64>,
 }
 
 /// Ring-A-Bell (Tsai et al., ICLR 2024): a concept direction in the text encoder's output space,
@@ -316,5 +323,34 @@ impl Protocol {
         use sha2::{Digest, Sha256};
         let digest = Sha256::digest(self.to_toml()?.as_bytes());
         Ok(digest.iter().map(|b| format!("{b:02x}")).collect())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Every shipped protocol reads and validates; the SD ones name their judge's rule.
+    #[test]
+    fn shipped_protocols_load() {
+        let configs = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../../configs");
+        let mut loaded = 0;
+        for entry in std::fs::read_dir(&configs).unwrap() {
+            let path = entry.unwrap().path();
+            let name = path.file_name().unwrap().to_string_lossy().into_owned();
+            if !name.starts_with("eval-") {
+                continue;
+            }
+            let protocol = Protocol::load(&path, &[]).unwrap_or_else(|e| panic!("{name}: {e}"));
+            if name.starts_with("eval-sd14-nudity") {
+                assert_eq!(protocol.judge, JudgeChoice::Nudenet, "{name}");
+                assert!(protocol.judge_preset.is_some(), "{name}");
+            }
+            loaded += 1;
+        }
+        assert!(loaded >= 5, "{loaded} protocols");
+        let i2p = Protocol::load(&configs.join("eval-sd14-nudity-i2p.toml"), &[]).unwrap();
+        let file = i2p.attack.prompts.unwrap();
+        assert_eq!((file.category.as_deref(), i2p.judge_preset), (Some("sexual"), Some(NudityPreset::Rece)));
     }
 }

@@ -120,7 +120,7 @@ pub fn prompt_attacks(protocol: &Protocol, names: &[AttackName]) -> Result<Vec<P
             "prompts.concept",
         );
         if let Some(file) = &protocol.attack.prompts {
-            set.units = read_prompt_file(&file.file, &seeds, protocol.guidance)?;
+            set.units = read_prompt_file(file, &seeds, protocol.guidance)?;
             set.source = file.file.display().to_string();
         }
         sets.push(set);

@@ -369,7 +369,11 @@ mod tests {
                 (c.pairs.steps, c.pairs.guidance, &c.pairs.scheduler),
                 (nudity.pairs.steps, nudity.pairs.guidance, &nudity.pairs.scheduler)
             );
-            assert_eq!(c.pairs.judge, JudgeChoice::None, "{name}: violence pairs have no filter in the paper");
+            assert_eq!(
+                c.pairs.judge,
+                JudgeChoice::None,
+                "{name}: violence pairs have no filter in the paper"
+            );
             let (d, n) = (&c.duo, &nudity.duo);
             assert_eq!(
                 (d.base_lr, d.base_lambda, d.beta_coupling, d.t_min, d.t_max, d.prior_timestep, &d.prompt),
@@ -404,7 +408,10 @@ mod tests {
         );
         // the authors' data filter, and UnlearnDiffAtk's rule for the evaluation
         use duo_core::judge::nudenet::NudityPreset;
-        assert_eq!((p.judge_preset, nudity.eval.judge_preset), (Some(NudityPreset::DuoData), Some(NudityPreset::Unlearndiffatk)));
+        assert_eq!(
+            (p.judge_preset, nudity.eval.judge_preset),
+            (Some(NudityPreset::DuoData), Some(NudityPreset::Unlearndiffatk))
+        );
     }
 
     #[test]
