@@ -5,6 +5,7 @@
 mod common;
 
 use burn::prelude::*;
+use burn::tensor::TensorData;
 use duo_core::metrics::{Lpips, LpipsNet};
 use duo_core::tensor_file::TensorFile;
 
@@ -42,4 +43,52 @@ fn missing_or_mismatched_lpips_weights_are_named() {
     let error = Lpips::<common::B>::load(&dir, LpipsNet::Vgg, &device).unwrap_err().to_string();
     assert!(error.contains("shape"), "{error}");
     std::fs::remove_dir_all(&dir).ok();
+}
+
+/// CLIP (a tiny random transformers CLIPModel folder): image and text features and the CLIP score
+/// against transformers.
+#[test]
+fn clip_features_and_score_match_transformers() {
+    use duo_core::metrics::{ClipScorer, clip_score};
+    let device = Default::default();
+    let dir = common::fixtures().join("clip");
+    let cases = TensorFile::read(&dir.join("cases.safetensors")).unwrap();
+    let scorer = ClipScorer::<common::B>::load(&dir.join("model"), &device).unwrap();
+    let get = |k: &str| cases.get(k).unwrap().clone();
+    // the processor's normalisation of the 8-bit images
+    let pixels = get("pixels").convert::<u8>().into_vec::<u8>().unwrap();
+    let images: Vec<image::RgbImage> = pixels
+        .chunks_exact(3 * 32 * 32)
+        .map(|planes| {
+            image::RgbImage::from_fn(32, 32, |x, y| {
+                let at = |c: usize| planes[c * 1024 + (y * 32 + x) as usize];
+                image::Rgb([at(0), at(1), at(2)])
+            })
+        })
+        .collect();
+    let pixel_values = scorer.pixel_values(&images, &device);
+    common::assert_close("pixel_values", &pixel_values.clone().into_data(), &get("pixel_values"), 1e-6);
+    let image = scorer.model.image_features(Tensor::from_data(get("pixel_values"), &device));
+    common::assert_close("image features", &image.into_data(), &get("image_embeds"), 1e-5);
+    let json: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(dir.join("cases.json")).unwrap()).unwrap();
+    let prompts: Vec<String> = serde_json::from_value(json["prompts"].clone()).unwrap();
+    let ids: Vec<Vec<i64>> = serde_json::from_value(json["input_ids"].clone()).unwrap();
+    for (prompt, expected) in prompts.iter().zip(&ids) {
+        let ours: Vec<i64> = scorer.tokenizer.encode_padded(prompt, 77).into_iter().map(i64::from).collect();
+        assert_eq!(&ours, expected, "{prompt}");
+    }
+    let flat: Vec<i64> = ids.concat();
+    let text = scorer.model.text_features(Tensor::from_data(TensorData::new(flat, [2, 77]), &device));
+    common::assert_close("text features", &text.into_data(), &get("text_embeds"), 1e-5);
+    // the score from the images as the pipelines hand them over
+    let floats: Vec<f32> = pixels.iter().map(|&v| f32::from(v) / 255.0).collect();
+    let tensor = Tensor::<common::B, 4>::from_data(TensorData::new(floats, [2, 3, 32, 32]), &device);
+    let scores = scorer.scores(tensor, &prompts).unwrap();
+    let expected = get("clip_score").into_vec::<f32>().unwrap();
+    for (s, e) in scores.iter().zip(&expected) {
+        assert!((s - f64::from(*e)).abs() < 1e-3, "{scores:?} vs {expected:?}");
+    }
+    assert!((clip_score(&scores) - (scores[0] + scores[1]) / 2.0).abs() < 1e-12);
+    assert_eq!(clip_score(&[-3.0, 1.0]), 0.0, "floored at 0");
 }

@@ -9,7 +9,7 @@ use burn::tensor::DType;
 use clap::Args;
 use duo_core::Result;
 use duo_core::device::{BackendTask, DeviceChoice, FloatType, dispatch};
-use duo_core::eval::{ReportHeader, merge_shards, preservation_lpips, write_report};
+use duo_core::eval::{ReportHeader, image_metrics, merge_shards, write_report};
 
 use crate::eval::{DSR_CHART, draw_dsr_chart, print_summary};
 
@@ -36,15 +36,15 @@ impl BackendTask for MergeTask {
         let args = self.0;
         let merged = merge_shards(&args.shards, &args.out)?;
         println!("merged {} shards into {}", args.shards.len(), args.out.display());
-        // LPIPS reads the images, so it is computed here, over every unit
-        let lpips = preservation_lpips::<B>(&merged.protocol, &merged.runs, &merged.folder, &device)?;
+        // the image metrics read the images, so they are computed here, over every unit
+        let metrics = image_metrics::<B>(&merged.protocol, &merged.runs, &merged.folder, &device)?;
         let header = ReportHeader {
             base: merged.base,
             unlearned: merged.unlearned,
             judge: merged.judge,
             seconds: started.elapsed().as_secs_f64(),
             chart: Some(DSR_CHART.to_string()),
-            lpips,
+            metrics,
         };
         let report = write_report(&merged.protocol, &header, &merged.runs, &merged.folder)?;
         draw_dsr_chart(&merged.runs, &merged.protocol.concept, &args.out)?;

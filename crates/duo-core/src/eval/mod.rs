@@ -12,6 +12,7 @@
 mod bench;
 mod judge;
 mod merge;
+mod metrics;
 mod prompt_file;
 mod protocol;
 mod report;
@@ -25,6 +26,7 @@ pub use bench::{
 };
 pub use judge::{Judge, Judgement, Label};
 pub use merge::{Merged, merge_shards};
+pub use metrics::{ImageMetrics, image_metrics};
 pub use prompt_file::read_prompt_file;
 pub use protocol::{
     AttackName, AttackSettings, ConceptInversion, EmbeddingInversion, PromptFile, PromptGroups, Protocol,
@@ -32,8 +34,7 @@ pub use protocol::{
 };
 pub use report::{LOOKALIKE, Rates, ReportHeader, SAFE, write_report};
 pub use run::{
-    evaluate, lora_model_name, open_run_folder, preservation_groups, preservation_lpips, prompt_attacks,
-    protocol_seeds,
+    evaluate, lora_model_name, open_run_folder, preservation_groups, prompt_attacks, protocol_seeds,
 };
 pub use sampler::{Condition, SampleJob, SampledBatch, SeededSampler};
 pub use stats::wilson95;

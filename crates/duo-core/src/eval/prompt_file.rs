@@ -91,15 +91,15 @@ fn read_csv(file: &PromptFile, seeds: &[u64], guidance: f64) -> Result<Vec<Unit>
             }
             Ok(Some(value))
         };
-        if let (Some(at), Some(category)) = (category_at, &file.category) {
-            if !field(at).split(',').any(|c| c.trim() == category) {
-                continue;
-            }
+        if let (Some(at), Some(category)) = (category_at, &file.category)
+            && !field(at).split(',').any(|c| c.trim() == category)
+        {
+            continue;
         }
-        if let (Some(at), Some(min)) = (nudity_at, file.min_nudity_percentage) {
-            if number(at, "nudity_percentage")?.is_none_or(|p| p <= min) {
-                continue;
-            }
+        if let (Some(at), Some(min)) = (nudity_at, file.min_nudity_percentage)
+            && number(at, "nudity_percentage")?.is_none_or(|p| p <= min)
+        {
+            continue;
         }
         let prompt = field(prompt_at).to_string();
         if prompt.is_empty() {

@@ -52,6 +52,10 @@ pub struct Protocol {
     /// prior preservation is 1 − LPIPS); without it, only the pixel similarity.
     #[serde(default)]
     pub lpips: Option<LpipsSettings>,
+    /// CLIP score of every image against its prompt, base and unlearned (the papers' text–image
+    /// alignment on COCO captions).
+    #[serde(default)]
+    pub clip: Option<ClipSettings>,
     /// Each attack's settings; an attack in `attacks` needs its table (`prompts` and `paraphrases`
     /// need none).
     #[serde(default)]
@@ -64,6 +68,13 @@ pub struct Protocol {
 pub struct LpipsSettings {
     pub weights: PathBuf,
     pub net: LpipsNet,
+}
+
+/// The CLIP model of the CLIP score: a folder in transformers' CLIPModel layout.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ClipSettings {
+    pub model: PathBuf,
 }
 
 /// The prompt groups every evaluation uses.

@@ -4,14 +4,12 @@
 
 use std::fmt::Write as _;
 
-use std::collections::BTreeMap;
-
 use serde_json::{Value, json};
 
-use super::{AttackRun, Goal, Protocol, RunFolder, grid, pixel_similarity, wilson95};
+use super::{AttackRun, Goal, ImageMetrics, Protocol, RunFolder, grid, pixel_similarity, wilson95};
 use crate::error::Result;
 use crate::fsutil::{write_atomic, write_json};
-use crate::metrics::mean_std;
+use crate::metrics::{clip_score, mean_std};
 use crate::run_config::RunConfig;
 
 /// The names of the preservation groups' runs.
@@ -28,8 +26,8 @@ pub struct ReportHeader {
     pub seconds: f64,
     /// A chart of the rates the caller draws beside the report (its file name), shown in report.md.
     pub chart: Option<String>,
-    /// LPIPS between the base and the unlearned image of each seed, per run that has them.
-    pub lpips: BTreeMap<String, Vec<f64>>,
+    /// The protocol's image metrics (LPIPS, CLIP score), per run that has them.
+    pub metrics: ImageMetrics,
 }
 
 /// The rate of one attack on both models.
@@ -110,12 +108,16 @@ pub fn write_report(
                     "n": rates.n, "images": run.verdicts(false).count(),
                     "ci95_base": judged.then_some(rates.ci95_base), "ci95_unlearned": judged.then_some(rates.ci95_unlearned),
                     "score_base": spread(&scores(false)), "score_unlearned": spread(&scores(true)),
-                    "lpips": header.lpips.get(&run.name).map(|values| spread(values)),
+                    "lpips": header.metrics.lpips.get(&run.name).map(|values| spread(values)),
                     "pixel_similarity": pixel_similarity(run, folder)?,
                     "seconds": run.seconds(), "grid": grid_file, "rows": rows,
                 })
             }
         };
+        let mut entry = entry;
+        if let Some([base, unlearned]) = header.metrics.clip.get(&run.name) {
+            entry["clip_score"] = json!({ "base": clip_score(base), "unlearned": clip_score(unlearned) });
+        }
         match run.goal {
             Goal::Free => attacks.insert(run.name.clone(), entry),
             Goal::Depicted => groups.insert(run.name.clone(), entry),
@@ -221,6 +223,15 @@ fn markdown(
                 g["pixel_similarity"].as_f64().unwrap_or(f64::NAN),
                 g["images"]
             );
+        }
+    }
+    if !header.metrics.clip.is_empty() {
+        md.push_str(
+            "\nCLIP score (100 × cosine of image and prompt, mean over the images, floored at 0):\n\n\
+             | prompts | base | unlearned |\n|---|---|---|\n",
+        );
+        for (name, [base, unlearned]) in &header.metrics.clip {
+            let _ = writeln!(md, "| {name} | {:.2} | {:.2} |", clip_score(base), clip_score(unlearned));
         }
     }
     md.push_str(

@@ -2,20 +2,18 @@
 //! models, so stored units are never mixed with another run's), the protocol's prompt groups as
 //! attacks, and the loop over the attacks that ends in the report.
 
-use std::collections::BTreeMap;
 use std::path::Path;
 use std::time::Instant;
 
 use burn::prelude::*;
 use serde_json::{Value, json};
 
+use super::metrics::image_metrics;
 use super::prompt_file::read_prompt_file;
 use super::report::{LOOKALIKE, ReportHeader, SAFE, write_report};
 use super::{Attack, AttackName, AttackRun, Bench, Goal, PromptSet, Protocol, RunFolder, Shard};
 use crate::error::{DuoError, Result, read_json};
 use crate::fsutil::{write_atomic, write_json};
-use crate::metrics::Lpips;
-use crate::pipelines::rgb8_to_tensor;
 use crate::run_config::RunConfig;
 
 /// What an evaluation folder was started with: a rerun must match it.
@@ -170,49 +168,15 @@ pub fn evaluate<B: Backend>(
         println!("{}: {} prompt(s)", attack.name(), attack.units().len());
         runs.push(bench.run(*attack, folder)?);
     }
-    let lpips = preservation_lpips::<B>(protocol, &runs, folder, &bench.base.device)?;
+    let metrics = image_metrics::<B>(protocol, &runs, folder, &bench.base.device)?;
     let header = ReportHeader {
         base: base.to_string(),
         unlearned: unlearned.to_string(),
         judge: json!({ "name": bench.judge.name(), "settings": bench.judge.settings() }),
         seconds: started.elapsed().as_secs_f64(),
         chart,
-        lpips,
+        metrics,
     };
     let report = write_report(protocol, &header, &runs, folder)?;
     Ok((runs, report))
-}
-
-/// LPIPS between the two models' images of each preservation group, when the protocol asks for it.
-pub fn preservation_lpips<B: Backend>(
-    protocol: &Protocol,
-    runs: &[AttackRun],
-    folder: &RunFolder,
-    device: &B::Device,
-) -> Result<BTreeMap<String, Vec<f64>>> {
-    let Some(settings) = &protocol.lpips else {
-        return Ok(BTreeMap::new());
-    };
-    let model = Lpips::<B>::load(&settings.weights, settings.net, device)?;
-    let groups = runs.iter().filter(|r| r.goal == Goal::Depicted);
-    groups.map(|run| Ok((run.name.clone(), run_lpips(&model, run, folder, device)?))).collect()
-}
-
-/// LPIPS between the base and the unlearned image of every seed of `run`, from the stored images.
-fn run_lpips<B: Backend>(
-    model: &Lpips<B>,
-    run: &AttackRun,
-    folder: &RunFolder,
-    device: &B::Device,
-) -> Result<Vec<f64>> {
-    let mut distances = Vec::new();
-    for (index, record) in run.units() {
-        for verdict in &record.base {
-            let read = |unlearned| -> Result<Tensor<B, 4>> {
-                Ok(rgb8_to_tensor(&folder.read_image(&run.name, index, verdict.seed, unlearned)?, device))
-            };
-            distances.extend(model.distance(read(false)?, read(true)?)?.into_iter().map(f64::from));
-        }
-    }
-    Ok(distances)
 }

@@ -1,7 +1,9 @@
-//! Image metrics that compare what two models draw: LPIPS, the perceptual distance the DUO paper
-//! reports prior preservation with (1 − LPIPS between the base and the unlearned model's images of
-//! the same prompt and seed).
+//! Image metrics: LPIPS, the perceptual distance the DUO paper reports prior preservation with
+//! (1 − LPIPS between the base and the unlearned model's images of the same prompt and seed), and
+//! the CLIP score of images against their prompts.
 
+mod clip_score;
 mod lpips;
 
+pub use clip_score::{ClipScorer, clip_score};
 pub use lpips::{Lpips, LpipsNet, mean_std};

@@ -76,7 +76,13 @@ pub enum Activation {
 
 impl ClipTextConfig {
     pub fn from_file(path: &Path) -> Result<Self> {
-        let config: Self = crate::error::read_json(path)?;
+        Self::from_value(path, crate::error::read_json(path)?)
+    }
+
+    /// The config in `value` (a `text_config` table of a CLIP folder's config.json); errors name `path`.
+    pub fn from_value(path: &Path, value: Value) -> Result<Self> {
+        let config: Self =
+            serde_json::from_value(value).map_err(|e| DuoError::config(path, e.to_string()))?;
         config.activation(path)?;
         check_other_keys(
             path,
@@ -111,7 +117,7 @@ impl ClipTextConfig {
         Ok(config)
     }
 
-    fn activation(&self, path: &Path) -> Result<Activation> {
+    pub(crate) fn activation(&self, path: &Path) -> Result<Activation> {
         match self.hidden_act.as_str() {
             "quick_gelu" => Ok(Activation::QuickGelu),
             "gelu" => Ok(Activation::Gelu),
@@ -125,36 +131,63 @@ impl ClipTextConfig {
     pub fn init<B: Backend>(&self, device: &B::Device) -> ClipTextModel<B> {
         let act = if self.hidden_act == "gelu" { Activation::Gelu } else { Activation::QuickGelu };
         let d = self.hidden_size;
-        let norm = || LayerNorm::new(d, self.layer_norm_eps, device);
-        let layers = (0..self.num_hidden_layers)
-            .map(|_| EncoderLayer {
-                self_attn: SelfAttention {
-                    q_proj: Linear::new(d, d, true, device),
-                    k_proj: Linear::new(d, d, true, device),
-                    v_proj: Linear::new(d, d, true, device),
-                    out_proj: Linear::new(d, d, true, device),
-                    heads: self.num_attention_heads,
-                },
-                layer_norm1: norm(),
-                mlp: Mlp {
-                    fc1: Linear::new(d, self.intermediate_size, true, device),
-                    fc2: Linear::new(self.intermediate_size, d, true, device),
-                    quick_gelu: act == Activation::QuickGelu,
-                },
-                layer_norm2: norm(),
-            })
-            .collect();
+        let shape = EncoderShape {
+            hidden: d,
+            intermediate: self.intermediate_size,
+            layers: self.num_hidden_layers,
+            heads: self.num_attention_heads,
+            eps: self.layer_norm_eps,
+            activation: act,
+        };
         ClipTextModel {
             text_model: ClipTextTransformer {
                 embeddings: Embeddings {
                     token_embedding: EmbeddingConfig::new(self.vocab_size, d).init(device),
                     position_embedding: EmbeddingConfig::new(self.max_position_embeddings, d).init(device),
                 },
-                encoder: Encoder { layers },
-                final_layer_norm: norm(),
+                encoder: shape.init(true, device),
+                final_layer_norm: LayerNorm::new(d, self.layer_norm_eps, device),
             },
             eos_token_id: self.eos_token_id,
         }
+    }
+}
+
+/// The shape of a CLIP transformer encoder (the text and the vision tower share its layers).
+pub(crate) struct EncoderShape {
+    pub hidden: usize,
+    pub intermediate: usize,
+    pub layers: usize,
+    pub heads: usize,
+    pub eps: f64,
+    pub activation: Activation,
+}
+
+impl EncoderShape {
+    /// `causal`: the text tower's mask; the vision tower attends everywhere.
+    pub fn init<B: Backend>(&self, causal: bool, device: &B::Device) -> Encoder<B> {
+        let d = self.hidden;
+        let norm = || LayerNorm::new(d, self.eps, device);
+        let layers = (0..self.layers)
+            .map(|_| EncoderLayer {
+                self_attn: SelfAttention {
+                    q_proj: Linear::new(d, d, true, device),
+                    k_proj: Linear::new(d, d, true, device),
+                    v_proj: Linear::new(d, d, true, device),
+                    out_proj: Linear::new(d, d, true, device),
+                    heads: self.heads,
+                    causal,
+                },
+                layer_norm1: norm(),
+                mlp: Mlp {
+                    fc1: Linear::new(d, self.intermediate, true, device),
+                    fc2: Linear::new(self.intermediate, d, true, device),
+                    quick_gelu: self.activation == Activation::QuickGelu,
+                },
+                layer_norm2: norm(),
+            })
+            .collect();
+        Encoder { layers }
     }
 }
 
@@ -165,6 +198,7 @@ pub struct SelfAttention<B: Backend> {
     pub v_proj: Linear<B>,
     pub out_proj: Linear<B>,
     pub heads: usize,
+    pub causal: bool,
 }
 
 #[derive(Module, Debug)]
@@ -222,7 +256,7 @@ impl<B: Backend> SelfAttention<B> {
         let q = self.q_proj.forward(x.clone());
         let k = self.k_proj.forward(x.clone());
         let v = self.v_proj.forward(x);
-        self.out_proj.forward(multi_head_attention(q, k, v, self.heads, true))
+        self.out_proj.forward(multi_head_attention(q, k, v, self.heads, self.causal))
     }
 }
 
@@ -235,7 +269,7 @@ impl<B: Backend> Mlp<B> {
 }
 
 impl<B: Backend> EncoderLayer<B> {
-    fn forward(&self, x: Tensor<B, 3>) -> Tensor<B, 3> {
+    pub(crate) fn forward(&self, x: Tensor<B, 3>) -> Tensor<B, 3> {
         let x = self.self_attn.forward(self.layer_norm1.forward(x.clone())) + x;
         self.mlp.forward(self.layer_norm2.forward(x.clone())) + x
     }

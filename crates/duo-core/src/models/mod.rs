@@ -4,6 +4,7 @@
 pub mod attention;
 pub mod attention_backward;
 pub mod autoencoder_kl;
+pub mod clip;
 pub mod clip_text;
 pub mod config;
 pub mod embeddings;
@@ -13,6 +14,7 @@ pub mod unet_2d_blocks;
 pub mod unet_2d_condition;
 
 pub use autoencoder_kl::{AutoencoderKL, AutoencoderKLConfig};
+pub use clip::ClipModel;
 pub use clip_text::{ClipTextConfig, ClipTextModel, ClipTextOutput};
 pub use unet_2d_condition::{UNet2DConditionConfig, UNet2DConditionModel, UNetLayout};
 
