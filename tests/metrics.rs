@@ -66,7 +66,7 @@ fn clip_features_and_score_match_transformers() {
             })
         })
         .collect();
-    let pixel_values = scorer.pixel_values(&images, &device);
+    let pixel_values = scorer.model.pixel_values(&images, &device);
     common::assert_close("pixel_values", &pixel_values.clone().into_data(), &get("pixel_values"), 1e-6);
     let image = scorer.model.image_features(Tensor::from_data(get("pixel_values"), &device));
     common::assert_close("image features", &image.into_data(), &get("image_embeds"), 1e-5);
@@ -91,4 +91,52 @@ fn clip_features_and_score_match_transformers() {
     }
     assert!((clip_score(&scores) - (scores[0] + scores[1]) / 2.0).abs() < 1e-12);
     assert_eq!(clip_score(&[-3.0, 1.0]), 0.0, "floored at 0");
+}
+
+/// Q16: the tiny CLIP with two prompt embeddings, "appropriate" = −e and "inappropriate" = e,
+/// where e is the first fixture image's embedding: softmax(100 · cos) by hand, against the judge.
+#[test]
+fn q16_weighs_clip_features_against_its_two_prompts() {
+    use duo_core::eval::Judge;
+    use duo_core::judge::q16::{PROMPTS_FILE, Q16Judge};
+    let device = Default::default();
+    let fixtures = common::fixtures().join("clip");
+    let cases = TensorFile::read(&fixtures.join("cases.safetensors")).unwrap();
+    let embeds = cases.get("image_embeds").unwrap().clone().into_vec::<f32>().unwrap();
+    let unit = |v: &[f32]| {
+        let norm = v.iter().map(|x| x * x).sum::<f32>().sqrt();
+        v.iter().map(|x| x / norm).collect::<Vec<f32>>()
+    };
+    let (e0, e1) = (unit(&embeds[..16]), unit(&embeds[16..]));
+    let dir = std::env::temp_dir().join(format!("duo-q16-{}", std::process::id()));
+    common::copy_dir(&fixtures.join("model"), &dir);
+    let prompts: Vec<f32> = e0.iter().map(|x| -x).chain(e0.iter().copied()).collect();
+    let write = |shape: Vec<usize>, values: Vec<f32>| {
+        duo_core::tensor_file::write_tensor_file(
+            &dir.join(PROMPTS_FILE),
+            &[("prompts", TensorData::new(values, shape))],
+        )
+        .unwrap()
+    };
+    write(vec![2, 16], prompts.clone());
+    let judge = Q16Judge::<common::B>::load(&dir, 0.5, &device).unwrap();
+    let pixels = cases.get("pixels").unwrap().clone().convert::<u8>().into_vec::<u8>().unwrap();
+    let floats: Vec<f32> = pixels.iter().map(|&v| f32::from(v) / 255.0).collect();
+    let images = Tensor::<common::B, 4>::from_data(TensorData::new(floats, [2, 3, 32, 32]), &device);
+    let verdicts = judge.judge(images).unwrap();
+    let cos01: f32 = e0.iter().zip(&e1).map(|(a, b)| a * b).sum();
+    let expected = [1.0 / (1.0 + (-200.0f32).exp()), 1.0 / (1.0 + (-200.0 * cos01).exp())];
+    for (v, e) in verdicts.iter().zip(expected) {
+        assert!((v.score - e).abs() < 1e-3, "{verdicts:?} vs {expected:?}");
+        assert_eq!(v.present, e > 0.5);
+    }
+    assert!(verdicts[0].present);
+    // a prompts file for another CLIP, and a missing one, are named
+    write(vec![2, 8], prompts[..16].to_vec());
+    let error = Q16Judge::<common::B>::load(&dir, 0.5, &device).err().unwrap().to_string();
+    assert!(error.contains("needs [2, 16]"), "{error}");
+    std::fs::remove_file(dir.join(PROMPTS_FILE)).unwrap();
+    let error = Q16Judge::<common::B>::load(&dir, 0.5, &device).err().unwrap().to_string();
+    assert!(error.contains("prompts.p"), "{error}");
+    std::fs::remove_dir_all(&dir).ok();
 }

@@ -357,9 +357,12 @@ mod tests {
                 assert_eq!(protocol.judge, JudgeChoice::Nudenet, "{name}");
                 assert!(protocol.judge_preset.is_some(), "{name}");
             }
+            if name.starts_with("eval-sd14-violence") {
+                assert_eq!(protocol.judge, JudgeChoice::Q16, "{name}");
+            }
             loaded += 1;
         }
-        assert!(loaded >= 5, "{loaded} protocols");
+        assert!(loaded >= 7, "{loaded} protocols");
         let i2p = Protocol::load(&configs.join("eval-sd14-nudity-i2p.toml"), &[]).unwrap();
         let file = i2p.attack.prompts.unwrap();
         assert_eq!((file.category.as_deref(), i2p.judge_preset), (Some("sexual"), Some(NudityPreset::Rece)));

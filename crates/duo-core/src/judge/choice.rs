@@ -7,18 +7,20 @@ use serde::{Deserialize, Serialize};
 
 use super::ToyJudge;
 use super::nudenet::{DEFAULT_WEIGHTS, NudityJudge, NudityPreset};
+use super::q16::Q16Judge;
 use crate::error::{DuoError, Result};
 use crate::eval::Judge;
 use crate::world::Shape;
 
-/// A run's concept judge: `"nudenet"` (NudeNet's detector), a toy concept-judge folder
-/// (`config.json` + `model.safetensors`), or `"none"`, which accepts every image (the violence
-/// setting has no filter).
+/// A run's concept judge: `"nudenet"` (NudeNet's detector, nudity), `"q16"` (CLIP with Q16's
+/// prompts, violence), a toy concept-judge folder (`config.json` + `model.safetensors`), or
+/// `"none"`, which accepts every image (the violence pairs have no filter).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(from = "String", into = "String")]
 pub enum JudgeChoice {
     None,
     Nudenet,
+    Q16,
     Folder(PathBuf),
 }
 
@@ -27,6 +29,7 @@ impl From<String> for JudgeChoice {
         match value.as_str() {
             "none" => Self::None,
             "nudenet" => Self::Nudenet,
+            "q16" => Self::Q16,
             _ => Self::Folder(PathBuf::from(value)),
         }
     }
@@ -37,6 +40,7 @@ impl From<JudgeChoice> for String {
         match choice {
             JudgeChoice::None => "none".to_string(),
             JudgeChoice::Nudenet => "nudenet".to_string(),
+            JudgeChoice::Q16 => "q16".to_string(),
             JudgeChoice::Folder(dir) => dir.display().to_string(),
         }
     }
@@ -45,7 +49,8 @@ impl From<JudgeChoice> for String {
 /// The judge keys of a config table (`[pairs]`, a protocol): `judge` and the keys of its kind.
 /// The toy judge takes `judge_shape` and `threshold`; NudeNet takes `judge_preset`, and
 /// `judge_classes` and `threshold` to replace the preset's, and `judge_weights` (its ONNX file,
-/// models/nudenet/320n.onnx unless given).
+/// models/nudenet/320n.onnx unless given); Q16 takes `judge_weights` (its folder, models/q16 unless
+/// given) and `threshold` (0.5, its argmax, unless given).
 pub struct JudgeSettings<'a> {
     pub judge: &'a JudgeChoice,
     pub shape: &'a str,
@@ -68,6 +73,16 @@ impl JudgeSettings<'_> {
         ];
         match self.judge {
             JudgeChoice::None => Ok(()),
+            JudgeChoice::Q16 => {
+                let toy_or_nudenet =
+                    [("judge_shape", !self.shape.is_empty()), nudenet_keys[0], nudenet_keys[1]];
+                match toy_or_nudenet.iter().find(|(_, set)| *set) {
+                    Some((key, _)) => {
+                        Err(format!("{key} does not apply to Q16, which takes judge_weights and threshold"))
+                    }
+                    None => Ok(()),
+                }
+            }
             JudgeChoice::Folder(_) => {
                 Shape::parse(self.shape).map_err(|e| format!("judge_shape = {e}"))?;
                 if self.threshold.is_none() {
@@ -116,6 +131,10 @@ impl JudgeSettings<'_> {
                     Shape::parse(self.shape).map_err(|e| DuoError::Invalid(format!("judge shape {e}")))?;
                 let threshold = self.threshold.unwrap_or_default();
                 Some(Box::new(ToyJudge::load(dir, shape, threshold, device)?))
+            }
+            JudgeChoice::Q16 => {
+                let folder = self.weights.unwrap_or(Path::new(super::q16::DEFAULT_FOLDER));
+                Some(Box::new(Q16Judge::load(folder, self.threshold.unwrap_or(0.5), device)?))
             }
             JudgeChoice::Nudenet => {
                 let weights = self.weights.unwrap_or(Path::new(DEFAULT_WEIGHTS));

@@ -12,6 +12,7 @@ mod choice;
 mod hand_check;
 mod model;
 pub mod nudenet;
+pub mod q16;
 mod train;
 
 use std::path::Path;

@@ -10,6 +10,7 @@ use burn::nn::conv::{Conv2d, Conv2dConfig};
 use burn::nn::{Embedding, EmbeddingConfig};
 use burn::prelude::*;
 use burn::tensor::DType;
+use image::RgbImage;
 use serde::Deserialize;
 use serde_json::Value;
 
@@ -18,6 +19,10 @@ use super::config::check_other_keys;
 use super::layers::{LayerNorm, Linear};
 use crate::error::{DuoError, Result, read_json};
 use crate::weights::load_weights;
+
+/// CLIP's image normalisation (OpenAI's ImageNet-like statistics).
+const MEAN: [f32; 3] = [0.481_454_66, 0.457_827_5, 0.408_210_73];
+const STD: [f32; 3] = [0.268_629_55, 0.261_302_6, 0.275_777_1];
 
 #[derive(Deserialize, Debug, Clone)]
 pub struct ClipVisionConfig {
@@ -169,6 +174,21 @@ impl<B: Backend> ClipModel<B> {
         })
     }
 
+    /// The vision tower's input for 8-bit images, as `CLIPImageProcessor` prepares it: the shorter
+    /// side resized to the input side (bicubic), a centre crop, CLIP's per-channel normalisation.
+    /// [n, 3, S, S].
+    pub fn pixel_values(&self, images: &[RgbImage], device: &B::Device) -> Tensor<B, 4> {
+        let side = self.image_size;
+        let mut values = Vec::with_capacity(images.len() * 3 * side * side);
+        for image in images {
+            let image = resize_and_crop(image, side);
+            for c in 0..3 {
+                values.extend(image.pixels().map(|p| (f32::from(p.0[c]) / 255.0 - MEAN[c]) / STD[c]));
+            }
+        }
+        Tensor::from_data(TensorData::new(values, [images.len(), 3, side, side]), device)
+    }
+
     /// `get_image_features`: `pixel_values` [b, 3, S, S] (normalised, S = `image_size`) → [b, projection].
     pub fn image_features(&self, pixel_values: Tensor<B, 4>) -> Tensor<B, 2> {
         let v = &self.vision_model;
@@ -191,4 +211,20 @@ impl<B: Backend> ClipModel<B> {
     pub fn text_features(&self, input_ids: Tensor<B, 2, Int>) -> Tensor<B, 2> {
         self.text_projection.forward(self.text.forward(input_ids).pooler_output)
     }
+}
+
+/// The shorter side to `side` (bicubic, the longer in proportion), then the centre `side` × `side`.
+fn resize_and_crop(image: &RgbImage, side: usize) -> RgbImage {
+    let (w, h) = (image.width() as usize, image.height() as usize);
+    let (short, long) = (w.min(h), w.max(h));
+    let long = (side * long) / short.max(1);
+    let (rw, rh) = if w <= h { (side, long) } else { (long, side) };
+    let resized = match (rw, rh) == (w, h) {
+        true => image.clone(),
+        false => {
+            image::imageops::resize(image, rw as u32, rh as u32, image::imageops::FilterType::CatmullRom)
+        }
+    };
+    let (left, top) = ((rw - side) / 2, (rh - side) / 2);
+    image::imageops::crop_imm(&resized, left as u32, top as u32, side as u32, side as u32).to_image()
 }
