@@ -423,3 +423,40 @@ fn lpips_compares_same_named_images_of_two_folders() {
     assert!((report["mean"].as_f64().unwrap() - inverted / 2.0).abs() < 1e-9);
     std::fs::remove_dir_all(&dir).ok();
 }
+
+#[test]
+fn fid_compares_two_folders() {
+    let dir = tmp("fid");
+    std::fs::create_dir_all(&dir).unwrap();
+    let weights = dir.join("inception.safetensors");
+    common::fid_weights_file(&weights);
+    let images = root().join("tests/fixtures/nudenet/images");
+    let out = dir.join("fid.json");
+    let run = |b: &std::path::Path| {
+        bench()
+            .args(["--device", "cpu", "fid", "--weights"])
+            .arg(&weights)
+            .arg(&images)
+            .arg(b)
+            .arg("--out")
+            .arg(&out)
+            .output()
+            .unwrap()
+    };
+    let output = run(&images);
+    assert!(output.status.success(), "{}", String::from_utf8_lossy(&output.stderr));
+    let report: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&out).unwrap()).unwrap();
+    assert!(report["fid"].as_f64().unwrap().abs() < 1e-6, "a folder against itself: {report}");
+    let other = dir.join("other");
+    std::fs::create_dir_all(&other).unwrap();
+    for name in ["astronaut.png", "coffee.png"] {
+        let mut image = image::open(images.join(name)).unwrap().to_rgb8();
+        image::imageops::invert(&mut image);
+        image.save(other.join(name)).unwrap();
+    }
+    let output = run(&other);
+    assert!(output.status.success(), "{}", String::from_utf8_lossy(&output.stderr));
+    let report: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&out).unwrap()).unwrap();
+    assert!(report["fid"].as_f64().unwrap() > 0.0 && report["n_b"] == 2, "{report}");
+    std::fs::remove_dir_all(&dir).ok();
+}

@@ -140,3 +140,38 @@ fn q16_weighs_clip_features_against_its_two_prompts() {
     assert!(error.contains("prompts.p"), "{error}");
     std::fs::remove_dir_all(&dir).ok();
 }
+
+/// FID against pytorch-fid: the Inception's pool features (its weights rebuilt from the fixture
+/// script's pattern, saved with torchvision's key names) and the Fréchet distance of two feature
+/// sets.
+#[test]
+fn fid_matches_pytorch_fid() {
+    use duo_core::metrics::{Fid, frechet_distance, statistics};
+    let device = Default::default();
+    let dir = common::fixtures().join("fid");
+    let file = std::env::temp_dir().join(format!("duo-fid-{}.safetensors", std::process::id()));
+    common::fid_weights_file(&file);
+    let fid = Fid::<common::B>::load(&file, &device).unwrap();
+    std::fs::remove_file(&file).ok();
+    let cases = TensorFile::read(&dir.join("cases.safetensors")).unwrap();
+    let images = Tensor::<common::B, 4>::from_data(cases.get("images").unwrap().clone(), &device);
+    let ours: Vec<f64> = fid.features(images).unwrap().concat();
+    let ours = TensorData::new(ours, [3, 2048]);
+    common::assert_close(
+        "FID features",
+        &ours,
+        &cases.get("features").unwrap().clone().convert::<f64>(),
+        1e-4,
+    );
+
+    let set = |key: &str| -> Vec<Vec<f64>> {
+        let data = cases.get(key).unwrap().clone();
+        let dim = data.shape[1];
+        data.into_vec::<f64>().unwrap().chunks_exact(dim).map(<[f64]>::to_vec).collect()
+    };
+    let distance = frechet_distance(&statistics(&set("a")).unwrap(), &statistics(&set("b")).unwrap());
+    let expected = cases.get("fid").unwrap().clone().into_vec::<f64>().unwrap()[0];
+    assert!((distance - expected).abs() <= 1e-9 * expected, "{distance} vs {expected}");
+    let same = frechet_distance(&statistics(&set("a")).unwrap(), &statistics(&set("a")).unwrap());
+    assert!(same.abs() < 1e-9, "a set is at distance 0 from itself: {same}");
+}

@@ -163,3 +163,37 @@ pub fn lpips_weights_folder(net: duo_core::metrics::LpipsNet, dir: &Path) {
     duo_core::tensor_file::write_tensor_file(&dir.join(format!("{backbone}.safetensors")), &named).unwrap();
     std::fs::copy(fixtures().join(format!("lpips/{heads}.pth")), dir.join(format!("{heads}.pth"))).unwrap();
 }
+
+/// FID Inception weights as tests/fixtures/generate_fid.py makes them (its `value` pattern over
+/// fid/keys.json), with the classifier pytorch-fid's file also holds, at `file`.
+pub fn fid_weights_file(file: &Path) {
+    let keys: Vec<(String, Vec<usize>)> =
+        serde_json::from_str(&std::fs::read_to_string(fixtures().join("fid/keys.json")).unwrap()).unwrap();
+    let mut tensors: Vec<(String, TensorData)> = keys
+        .iter()
+        .enumerate()
+        .map(|(p, (key, shape))| {
+            let p = p as u64;
+            let shifted = |data: TensorData, by: f32| {
+                TensorData::new(
+                    data.into_vec::<f32>().unwrap().into_iter().map(|v| v + by).collect(),
+                    shape.clone(),
+                )
+            };
+            let data = if key.ends_with("conv.weight") {
+                let fan_in: usize = shape[1..].iter().product();
+                pattern(p, shape, (6.0 / fan_in as f64).sqrt())
+            } else if key.ends_with("bn.weight") {
+                shifted(pattern(p, shape, 0.2), 1.0)
+            } else if key.ends_with("bn.running_var") {
+                shifted(pattern(p, shape, 0.5), 1.0)
+            } else {
+                pattern(p, shape, 0.1)
+            };
+            (key.clone(), data)
+        })
+        .collect();
+    tensors.push(("fc.weight".into(), pattern(9999, &[1008, 2048], 0.01)));
+    let named: Vec<(&str, TensorData)> = tensors.iter().map(|(k, v)| (k.as_str(), v.clone())).collect();
+    duo_core::tensor_file::write_tensor_file(file, &named).unwrap();
+}

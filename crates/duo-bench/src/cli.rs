@@ -9,7 +9,7 @@ use duo_core::tensor_file::{TensorFile, write_tensor_file};
 use duo_core::tokenizer::ClipTokenizer;
 use duo_core::{DuoError, ModelFolder, Result};
 
-use crate::{eval, judge, judge_check, judge_train, lpips, merge, perf, quality, sweep};
+use crate::{eval, fid, judge, judge_check, judge_train, lpips, merge, perf, quality, sweep};
 
 #[derive(Parser, Debug)]
 #[command(
@@ -85,6 +85,8 @@ pub enum Command {
     /// LPIPS between two images, or between same-named images of two folders (AlexNet or VGG,
     /// weights supplied by the user); prior preservation is 1 − LPIPS.
     Lpips(lpips::LpipsArgs),
+    /// FID between two folders of images (pytorch-fid's Inception, weights supplied by the user).
+    Fid(fid::FidArgs),
     /// Join the folders of a sharded evaluation (`eval --shard I/N`) into one folder whose report is
     /// the unsharded run's.
     Merge(merge::MergeArgs),
@@ -111,6 +113,7 @@ pub fn run(cli: Cli) -> Result<()> {
         Command::JudgeCheck(args) => judge_check::run(args, device, float),
         Command::Judge(args) => judge::run(args, device, float),
         Command::Lpips(args) => lpips::run(args, device, float),
+        Command::Fid(args) => fid::run(args, device, float),
         Command::Merge(args) => merge::run(args, device, float),
     }
 }

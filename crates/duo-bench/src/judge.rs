@@ -1,7 +1,7 @@
 //! `duo-bench judge`: a concept judge over a folder of images, every image's verdict and what the
 //! judge read in it (NudeNet: each detection's class, score and box) in one JSON file.
 
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 
 use burn::prelude::*;
 use burn::tensor::DType;
@@ -43,28 +43,8 @@ pub struct JudgeArgs {
 }
 
 pub fn run(args: JudgeArgs, device: DeviceChoice, float: FloatType) -> Result<()> {
-    let files = image_files(&args.images)?;
+    let files = duo_core::fsutil::image_files(&args.images)?;
     dispatch(device, float, JudgeTask { args, files })
-}
-
-/// The images of `path`: the file itself, or a folder's PNG and JPEG files by name.
-pub fn image_files(path: &Path) -> Result<Vec<PathBuf>> {
-    if path.is_file() {
-        return Ok(vec![path.to_path_buf()]);
-    }
-    let entries = std::fs::read_dir(path).map_err(|e| DuoError::io(path, e))?;
-    let mut files: Vec<PathBuf> = entries
-        .filter_map(|e| e.ok().map(|e| e.path()))
-        .filter(|p| {
-            let ext = p.extension().and_then(|e| e.to_str()).unwrap_or_default().to_ascii_lowercase();
-            matches!(ext.as_str(), "png" | "jpg" | "jpeg")
-        })
-        .collect();
-    files.sort();
-    if files.is_empty() {
-        return Err(DuoError::Invalid(format!("{}: no PNG or JPEG images", path.display())));
-    }
-    Ok(files)
 }
 
 struct JudgeTask {

@@ -48,7 +48,7 @@ fn matched(a: &Path, b: &Path) -> Result<Vec<(PathBuf, PathBuf)>> {
             b.display()
         )));
     }
-    let images = crate::judge::image_files(a)?;
+    let images = duo_core::fsutil::image_files(a)?;
     let pairs: Vec<(PathBuf, PathBuf)> = images
         .into_iter()
         .filter_map(|path| {

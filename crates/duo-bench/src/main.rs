@@ -6,6 +6,7 @@ mod attacks;
 mod chart;
 mod cli;
 mod eval;
+mod fid;
 mod judge;
 mod judge_check;
 mod judge_train;

@@ -1,7 +1,7 @@
 //! File writes that never leave a half-written file behind: a crash or Ctrl-C keeps the old one.
 
 use std::io::Write;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 use crate::error::{DuoError, Result};
 
@@ -22,4 +22,24 @@ pub fn write_json(path: &Path, value: &impl serde::Serialize) -> Result<()> {
     let text = serde_json::to_string_pretty(value)
         .map_err(|e| DuoError::Invalid(format!("serialising {}: {e}", path.display())))?;
     write_atomic(path, format!("{text}\n").as_bytes())
+}
+
+/// The images of `path`: the file itself, or a folder's PNG and JPEG files by name.
+pub fn image_files(path: &Path) -> Result<Vec<PathBuf>> {
+    if path.is_file() {
+        return Ok(vec![path.to_path_buf()]);
+    }
+    let entries = std::fs::read_dir(path).map_err(|e| DuoError::io(path, e))?;
+    let mut files: Vec<PathBuf> = entries
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .filter(|p| {
+            let ext = p.extension().and_then(|e| e.to_str()).unwrap_or_default().to_ascii_lowercase();
+            matches!(ext.as_str(), "png" | "jpg" | "jpeg")
+        })
+        .collect();
+    files.sort();
+    if files.is_empty() {
+        return Err(DuoError::Invalid(format!("{}: no PNG or JPEG images", path.display())));
+    }
+    Ok(files)
 }

@@ -26,7 +26,7 @@ pub use bench::{
 };
 pub use judge::{Judge, Judgement, Label};
 pub use merge::{Merged, merge_shards};
-pub use metrics::{ImageMetrics, image_metrics};
+pub use metrics::{FidValues, ImageMetrics, image_metrics};
 pub use prompt_file::read_prompt_file;
 pub use protocol::{
     AttackName, AttackSettings, ConceptInversion, EmbeddingInversion, PromptFile, PromptGroups, Protocol,

@@ -56,6 +56,9 @@ pub struct Protocol {
     /// alignment on COCO captions).
     #[serde(default)]
     pub clip: Option<ClipSettings>,
+    /// FID between the two models' images of each attack, and of each against real images.
+    #[serde(default)]
+    pub fid: Option<FidSettings>,
     /// Each attack's settings; an attack in `attacks` needs its table (`prompts` and `paraphrases`
     /// need none).
     #[serde(default)]
@@ -75,6 +78,16 @@ pub struct LpipsSettings {
 #[serde(deny_unknown_fields)]
 pub struct ClipSettings {
     pub model: PathBuf,
+}
+
+/// FID's Inception weights (pytorch-fid's file) and, optionally, a folder of real images (COCO's)
+/// to compare each model's images with.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FidSettings {
+    pub weights: PathBuf,
+    #[serde(default)]
+    pub reference: Option<PathBuf>,
 }
 
 /// The prompt groups every evaluation uses.

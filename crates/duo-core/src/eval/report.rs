@@ -118,6 +118,9 @@ pub fn write_report(
         if let Some([base, unlearned]) = header.metrics.clip.get(&run.name) {
             entry["clip_score"] = json!({ "base": clip_score(base), "unlearned": clip_score(unlearned) });
         }
+        if let Some(fid) = header.metrics.fid.get(&run.name) {
+            entry["fid"] = json!(fid);
+        }
         match run.goal {
             Goal::Free => attacks.insert(run.name.clone(), entry),
             Goal::Depicted => groups.insert(run.name.clone(), entry),
@@ -232,6 +235,22 @@ fn markdown(
         );
         for (name, [base, unlearned]) in &header.metrics.clip {
             let _ = writeln!(md, "| {name} | {:.2} | {:.2} |", clip_score(base), clip_score(unlearned));
+        }
+    }
+    if !header.metrics.fid.is_empty() {
+        md.push_str(
+            "\nFID (pytorch-fid's Inception, 2,048 pool features; lower is closer):\n\n\
+             | prompts | base vs unlearned | base vs reference | unlearned vs reference |\n|---|---|---|---|\n",
+        );
+        let value = |v: Option<f64>| v.map_or("–".to_string(), |v| format!("{v:.2}"));
+        for (name, fid) in &header.metrics.fid {
+            let _ = writeln!(
+                md,
+                "| {name} | {:.2} | {} | {} |",
+                fid.base_vs_unlearned,
+                value(fid.base_vs_reference),
+                value(fid.unlearned_vs_reference)
+            );
         }
     }
     md.push_str(
