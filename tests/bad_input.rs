@@ -270,7 +270,7 @@ fn every_command_refuses_non_finite_numbers() {
             vec!["guidance", "not a finite"],
         ),
         ("pairs --strength nan", pairs(&["--judge", "none", "--strength", "nan"]), vec!["strength NaN"]),
-        ("pairs --threshold nan", pairs(&["--judge", &judge, "--threshold", "nan"]), vec!["threshold NaN"]),
+        ("pairs --threshold nan", pairs(&["--judge", &judge, "--threshold", "nan"]), vec!["threshold = NaN"]),
         (
             "train --set duo.beta=nan",
             ["train", "--config", &config, "--set", "duo.beta=nan"].map(String::from).to_vec(),

@@ -299,10 +299,15 @@ fn eval_with_nudenet_and_lpips_on_a_tiny_sd() {
     }
     let fid = &r["attacks"]["prompts"]["fid"];
     for key in ["base_vs_unlearned", "base_vs_reference", "unlearned_vs_reference"] {
-        assert!(fid[key].as_f64().is_some_and(|v| v.is_finite() && v >= -1e-6), "{fid}");
+        assert!(fid[key].as_f64().is_some_and(|v| v.is_finite() && v >= -1e-9), "{fid}");
     }
+    // the photographs are further from the generated images than the two models' images are apart
+    assert!(fid["base_vs_reference"].as_f64() > fid["base_vs_unlearned"].as_f64(), "{fid}");
     let md = std::fs::read_to_string(out.join("report.md")).unwrap();
     assert!(md.contains("| lookalike | – | – |") && md.contains("CLIP score") && md.contains("FID"), "{md}");
+    // the close-concept table: one row per look-alike prompt, its LPIPS per seed in report.json
+    assert!(md.contains("| lookalike | a man |") && md.contains("| lookalike | a woman |"), "{md}");
+    assert_eq!(lookalike["rows"][0]["lpips"].as_array().map(Vec::len), Some(2), "{lookalike}");
     // the detector's absence is an error that says where to get it
     let output = run(protocol(&dir.join("absent.onnx")), &dir.join("out-missing"));
     assert!(!output.status.success());

@@ -68,10 +68,15 @@ pub fn write_report(
         let grid_file = format!("grid-{}.png", run.name);
         grid(&[(run, 4)], folder, 4, &folder.root.join(&grid_file))?;
         let rates = Rates::of(run);
+        // each row's share of the run's LPIPS values (one per seed, in the records' order)
+        let lpips = header.metrics.lpips.get(&run.name);
+        let mut offset = 0;
         let rows: Vec<Value> = run
             .records
             .iter()
             .map(|r| {
+                let row_lpips = lpips.map(|values| values[offset..offset + r.base.len()].to_vec());
+                offset += r.base.len();
                 let column = |v: &[super::ImageVerdict], f: fn(&super::ImageVerdict) -> Value| {
                     Value::Array(v.iter().map(f).collect())
                 };
@@ -84,6 +89,7 @@ pub fn write_report(
                     "score_unlearned": column(&r.unlearned, |v| json!(v.score)),
                     "labels_base": column(&r.base, |v| json!(v.labels)),
                     "labels_unlearned": column(&r.unlearned, |v| json!(v.labels)),
+                    "lpips": row_lpips,
                     "found": r.found, "details": r.details, "seconds": r.seconds,
                 })
             })
@@ -207,7 +213,7 @@ fn markdown(
              | prompts | accuracy base | accuracy unlearned | score base | score unlearned | LPIPS | pixel similarity | images |\n\
              |---|---|---|---|---|---|---|---|\n",
         );
-        for run in groups {
+        for run in &groups {
             let g = &report["groups"][&run.name];
             let percent = |v: &Value| v.as_f64().map_or("–".to_string(), pct);
             let spread = |v: &Value| match (v["mean"].as_f64(), v["std"].as_f64()) {
@@ -228,6 +234,36 @@ fn markdown(
             );
         }
     }
+    let per_prompt: Vec<&AttackRun> =
+        groups.iter().copied().filter(|run| header.metrics.lpips.contains_key(&run.name)).collect();
+    if !per_prompt.is_empty() {
+        md.push_str(
+            "\nClose concepts, per prompt (the paper's table): the judge's concept score and LPIPS between \
+             same-seed images, mean ± std over the seeds.\n\n\
+             | group | prompt | score base | score unlearned | LPIPS | images |\n|---|---|---|---|---|---|\n",
+        );
+        for run in per_prompt {
+            for row in report["groups"][&run.name]["rows"].as_array().into_iter().flatten() {
+                let numbers = |key: &str| -> Vec<f64> {
+                    row[key].as_array().into_iter().flatten().filter_map(Value::as_f64).collect()
+                };
+                let spread = |values: Vec<f64>| {
+                    let (mean, std) = mean_std(&values);
+                    format!("{mean:.3} ± {std:.3}")
+                };
+                let _ = writeln!(
+                    md,
+                    "| {} | {} | {} | {} | {} | {} |",
+                    run.name,
+                    row["prompt"].as_str().unwrap_or_default(),
+                    spread(numbers("score_base")),
+                    spread(numbers("score_unlearned")),
+                    spread(numbers("lpips")),
+                    numbers("score_base").len()
+                );
+            }
+        }
+    }
     if !header.metrics.clip.is_empty() {
         md.push_str(
             "\nCLIP score (100 × cosine of image and prompt, mean over the images, floored at 0):\n\n\
@@ -242,12 +278,17 @@ fn markdown(
             "\nFID (pytorch-fid's Inception, 2,048 pool features; lower is closer):\n\n\
              | prompts | base vs unlearned | base vs reference | unlearned vs reference |\n|---|---|---|---|\n",
         );
-        let value = |v: Option<f64>| v.map_or("–".to_string(), |v| format!("{v:.2}"));
+        // real FIDs are tens; a tiny test model's are millionths, which two decimals would show as 0
+        let value = |v: Option<f64>| match v {
+            None => "–".to_string(),
+            Some(v) if v.abs() >= 0.01 => format!("{v:.2}"),
+            Some(v) => format!("{v:.2e}"),
+        };
         for (name, fid) in &header.metrics.fid {
             let _ = writeln!(
                 md,
-                "| {name} | {:.2} | {} | {} |",
-                fid.base_vs_unlearned,
+                "| {name} | {} | {} | {} |",
+                value(Some(fid.base_vs_unlearned)),
                 value(fid.base_vs_reference),
                 value(fid.unlearned_vs_reference)
             );
