@@ -79,7 +79,7 @@ pub enum Command {
     /// Score a concept judge against a person's shape labels of generated images (by default the
     /// hand check in tests/fixtures/judge-hand-check): agreement, per-shape recall, the misreads.
     JudgeCheck(judge_check::JudgeCheckArgs),
-    /// Run a concept judge (NudeNet, or a toy judge folder) over a folder of images: per image,
+    /// Run a concept judge (NudeNet, Q16, or a toy judge folder) over a folder of images: per image,
     /// what it detects (NudeNet: class, score, box) and its verdict, in one JSON file.
     Judge(judge::JudgeArgs),
     /// LPIPS between two images, or between same-named images of two folders (AlexNet or VGG,

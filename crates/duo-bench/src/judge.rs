@@ -16,10 +16,10 @@ use serde_json::json;
 
 #[derive(Args, Debug, Clone)]
 pub struct JudgeArgs {
-    /// "nudenet", or a toy concept-judge folder.
+    /// "nudenet", "q16", or a toy concept-judge folder.
     #[arg(long, default_value = "nudenet")]
     pub judge: String,
-    /// NudeNet's ONNX file (scripts/fetch-nudenet.sh puts it at the default).
+    /// NudeNet's ONNX file (scripts/fetch-nudenet.sh puts it at the default), or Q16's folder.
     #[arg(long)]
     pub weights: Option<PathBuf>,
     /// NudeNet's classes and threshold, as papers set them: unlearndiffatk, rece or duo-data.
@@ -28,8 +28,8 @@ pub struct JudgeArgs {
     /// NudeNet classes that count, comma-separated, replacing the preset's.
     #[arg(long, value_delimiter = ',')]
     pub classes: Option<Vec<String>>,
-    /// Score above which a NudeNet detection counts (replacing the preset's); the toy judge's
-    /// probability.
+    /// Score above which a NudeNet detection counts (replacing the preset's); Q16's inappropriate
+    /// probability (0.5); the toy judge's probability.
     #[arg(long)]
     pub threshold: Option<f32>,
     /// The toy judge's shape.

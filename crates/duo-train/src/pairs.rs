@@ -50,7 +50,7 @@ pub struct PairsArgs {
     /// pndm, ddim, euler, dpm-solver (default: the folder's scheduler).
     #[arg(long)]
     pub scheduler: Option<SchedulerKind>,
-    /// "nudenet", a toy concept judge folder, or "none", which accepts every image (as the
+    /// "nudenet", "q16", a toy concept judge folder, or "none", which accepts every image (as the
     /// violence setting, which has no filter).
     #[arg(long, default_value = "models/judge")]
     pub judge: String,
