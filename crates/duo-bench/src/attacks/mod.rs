@@ -148,7 +148,7 @@ pub enum Timesteps {
     Blocks(usize),
 }
 
-/// A parameter [r, c] optimised with Adam(W) against the denoising loss of the concept latents.
+/// A parameter [r, c] optimised with Adam against the denoising loss of the concept latents.
 pub struct Search<'a, B: Backend> {
     pub model: &'a Differentiable<B>,
     pub latents: Tensor<B, 4>,
@@ -252,8 +252,8 @@ impl<B: Backend> Search<'_, B> {
     }
 }
 
-/// Adam with decoupled weight decay (AdamW; PyTorch's defaults β = (0.9, 0.999), ε = 1e-8) on one
-/// tensor.
+/// PyTorch's `torch.optim.Adam` (β = (0.9, 0.999), ε = 1e-8) on one tensor. Its weight decay is
+/// the L2 kind, added to the gradient (UnlearnDiffAtk's optimiser), not AdamW's decoupled decay.
 struct Adam<B: Backend> {
     m: Tensor<B, 2>,
     v: Tensor<B, 2>,
@@ -273,12 +273,12 @@ impl<B: Backend> Adam<B> {
 
     fn update(&mut self, param: Tensor<B, 2>, grad: Tensor<B, 2>) -> Tensor<B, 2> {
         self.step += 1;
+        let grad = grad + param.clone() * self.weight_decay;
         self.m = self.m.clone() * Self::BETA1 + grad.clone() * (1.0 - Self::BETA1);
         self.v = self.v.clone() * Self::BETA2 + grad.square() * (1.0 - Self::BETA2);
         let m_hat = self.m.clone() / (1.0 - Self::BETA1.powi(self.step));
         let v_hat = self.v.clone() / (1.0 - Self::BETA2.powi(self.step));
-        let decayed = param.clone() - param * (self.lr * self.weight_decay);
-        decayed - m_hat / (v_hat.sqrt() + Self::EPS) * self.lr
+        param - m_hat / (v_hat.sqrt() + Self::EPS) * self.lr
     }
 }
 
@@ -294,3 +294,26 @@ pub fn unit_seed(seed: u64, index: usize) -> u64 {
 }
 
 pub(crate) use vocabulary::Vocabulary;
+
+#[cfg(test)]
+mod adam_tests {
+    use super::*;
+
+    type B = burn::backend::Flex;
+
+    /// PyTorch's Adam with weight decay: the decay enters the gradient, so the first step moves
+    /// each value by lr · sign(g + wd·p) (AdamW would move it by lr · sign(g) + lr·wd·p).
+    #[test]
+    fn weight_decay_is_an_l2_term_in_the_gradient() {
+        let device = Default::default();
+        let param = Tensor::<B, 2>::from_floats([[2.0, -1.0]], &device);
+        let grad = Tensor::<B, 2>::from_floats([[-0.1, 0.05]], &device);
+        let mut adam = Adam::new(&param, 0.01, 0.1);
+        let stepped = adam.update(param, grad).into_data().into_vec::<f32>().unwrap();
+        // g + wd·p = [0.1, −0.05]: both signs flip against the raw gradient
+        let expected = [2.0 - 0.01, -1.0 + 0.01];
+        for (s, e) in stepped.iter().zip(expected) {
+            assert!((s - e).abs() < 1e-6, "{stepped:?} vs {expected:?}");
+        }
+    }
+}

@@ -1,6 +1,6 @@
 //! UnlearnDiffAtk (Zhang et al., ECCV 2024): N prefix tokens in front of the prompt, each relaxed to
 //! a probability vector over the vocabulary (uniform at the start), optimised by projected gradient
-//! steps (AdamW, then a projection onto the probability simplex) so that the unlearned model
+//! steps (Adam, then a projection onto the probability simplex) so that the unlearned model
 //! denoises the base model's images of the prompt (same seeds) as well as it can. As the authors'
 //! code, the forward pass reads a one-hot token drawn from each vector and the gradient passes
 //! straight through to the vector, and the steps walk through fixed timesteps in blocks. After each
@@ -21,7 +21,7 @@ use super::{
     Differentiable, Grad, Search, SearchSteps, Timesteps, Vocabulary, concept_latents, ids_tensor, unit_seed,
 };
 
-/// AdamW's weight decay in the authors' code.
+/// Adam's weight decay in the authors' code (`torch.optim.Adam`: an L2 term in the gradient).
 const WEIGHT_DECAY: f64 = 0.1;
 
 pub struct UnlearnDiffAtkAttack {
