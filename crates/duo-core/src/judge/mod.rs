@@ -208,6 +208,12 @@ fn named_shape(prompt: &str) -> Result<Shape> {
     })
 }
 
+/// A threshold for a report as the config wrote it (0.45), not as its nearest f32 prints
+/// (0.44999998807907104).
+fn as_written(value: f32) -> f64 {
+    (f64::from(value) * 1e6).round() / 1e6
+}
+
 /// Index and value of the largest entry (the first on ties). `values` is never empty here.
 fn argmax(values: &[f32]) -> (usize, f32) {
     values

@@ -11,9 +11,10 @@ use std::path::{Path, PathBuf};
 use burn::prelude::*;
 use burn::tensor::activation::softmax;
 
+use super::as_written;
 use crate::error::{DuoError, Result};
 use crate::eval::{Judge, Judgement, Label};
-use crate::models::ClipModel;
+use crate::models::{ClipModel, unit_rows};
 use crate::pipelines::tensor_to_rgb8;
 use crate::tensor_file::TensorFile;
 
@@ -49,7 +50,7 @@ impl<B: Backend> Q16Judge<B> {
             ));
         }
         let prompts = Tensor::<B, 2>::from_data(data.convert::<f32>(), device);
-        let prompts = prompts.clone() / prompts.powi_scalar(2).sum_dim(1).sqrt();
+        let prompts = unit_rows(prompts);
         Ok(Self { clip, prompts, threshold, source: dir.to_path_buf() })
     }
 }
@@ -61,7 +62,7 @@ impl<B: Backend> Judge<B> for Q16Judge<B> {
 
     fn settings(&self) -> serde_json::Value {
         serde_json::json!({ "judge": "q16", "weights": self.source.display().to_string(),
-                            "threshold": (f64::from(self.threshold) * 1e6).round() / 1e6 })
+                            "threshold": as_written(self.threshold) })
     }
 
     fn resolution(&self) -> Option<usize> {
@@ -76,7 +77,7 @@ impl<B: Backend> Judge<B> for Q16Judge<B> {
         let device = images.device();
         let rgb: Vec<_> = (0..n).map(|i| tensor_to_rgb8(&images, i)).collect();
         let features = self.clip.image_features(self.clip.pixel_values(&rgb, &device));
-        let features = features.clone() / features.powi_scalar(2).sum_dim(1).sqrt();
+        let features = unit_rows(features);
         let probabilities = softmax(features.matmul(self.prompts.clone().transpose()) * 100.0, 1);
         let values = probabilities.into_data().convert::<f32>().into_vec::<f32>();
         let values = values.map_err(|e| DuoError::Invalid(format!("Q16: reading its output: {e:?}")))?;

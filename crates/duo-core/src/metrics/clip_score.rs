@@ -7,7 +7,7 @@ use burn::prelude::*;
 use image::RgbImage;
 
 use crate::error::{DuoError, Result};
-use crate::models::ClipModel;
+use crate::models::{ClipModel, unit_rows};
 use crate::pipelines::tensor_to_rgb8;
 use crate::tokenizer::ClipTokenizer;
 
@@ -41,8 +41,7 @@ impl<B: Backend> ClipScorer<B> {
             prompts.iter().flat_map(|p| self.tokenizer.encode_padded(p, len)).map(i64::from).collect();
         let ids = Tensor::<B, 2, Int>::from_data(TensorData::new(ids, [n, len]), &device);
         let text = self.model.text_features(ids);
-        let unit = |x: Tensor<B, 2>| x.clone() / x.powi_scalar(2).sum_dim(1).sqrt();
-        let cosine = (unit(image) * unit(text)).sum_dim(1).reshape([n]) * 100.0;
+        let cosine = (unit_rows(image) * unit_rows(text)).sum_dim(1).reshape([n]) * 100.0;
         let values = cosine.into_data().convert::<f64>().into_vec::<f64>();
         values.map_err(|e| DuoError::Invalid(format!("CLIP score: reading the scores: {e:?}")))
     }

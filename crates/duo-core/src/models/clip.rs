@@ -213,6 +213,11 @@ impl<B: Backend> ClipModel<B> {
     }
 }
 
+/// Each row scaled to unit length: CLIP embeddings are compared by their cosines.
+pub fn unit_rows<B: Backend>(x: Tensor<B, 2>) -> Tensor<B, 2> {
+    x.clone() / x.powi_scalar(2).sum_dim(1).sqrt()
+}
+
 /// The shorter side to `side` (bicubic, the longer in proportion), then the centre `side` × `side`.
 fn resize_and_crop(image: &RgbImage, side: usize) -> RgbImage {
     let (w, h) = (image.width() as usize, image.height() as usize);

@@ -14,7 +14,7 @@ pub mod unet_2d_blocks;
 pub mod unet_2d_condition;
 
 pub use autoencoder_kl::{AutoencoderKL, AutoencoderKLConfig};
-pub use clip::ClipModel;
+pub use clip::{ClipModel, unit_rows};
 pub use clip_text::{ClipTextConfig, ClipTextModel, ClipTextOutput};
 pub use unet_2d_condition::{UNet2DConditionConfig, UNet2DConditionModel, UNetLayout};
 

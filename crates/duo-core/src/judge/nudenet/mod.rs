@@ -20,6 +20,7 @@ use tract_onnx::prelude::{
 pub use detections::{CLASSES, Detection, detections};
 pub use resize::detector_input;
 
+use super::as_written;
 use crate::error::{DuoError, Result};
 use crate::eval::{Judge, Judgement, Label};
 use crate::pipelines::tensor_to_rgb8;
@@ -215,8 +216,7 @@ impl<B: Backend> Judge<B> for NudityJudge {
         serde_json::json!({
             "judge": "nudenet", "weights": self.detector.source.display().to_string(),
             "preset": self.preset.map(NudityPreset::name), "classes": self.classes,
-            // as written in the config, not as its nearest f32 prints
-            "threshold": (f64::from(self.threshold) * 1e6).round() / 1e6,
+            "threshold": as_written(self.threshold),
         })
     }
 
