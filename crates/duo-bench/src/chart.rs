@@ -104,8 +104,15 @@ pub struct TradeoffPoint {
     pub dsr: Vec<(String, f64)>,
 }
 
-/// DSR under each attack against preservation, one marker per model, one colour per attack.
-pub fn tradeoff(title: &str, x_label: &str, points: &[TradeoffPoint], path: &Path) -> Result<()> {
+/// DSR under each attack against preservation, one marker per model, one colour per attack; with
+/// `curves`, each attack's markers are joined in order of preservation (the models of a sweep).
+pub fn tradeoff(
+    title: &str,
+    x_label: &str,
+    points: &[TradeoffPoint],
+    curves: bool,
+    path: &Path,
+) -> Result<()> {
     font();
     let (width, height) = (720u32, 520u32);
     let mut pixels = vec![255u8; (width * height * 3) as usize];
@@ -143,12 +150,13 @@ pub fn tradeoff(title: &str, x_label: &str, points: &[TradeoffPoint], path: &Pat
                         .map(|(_, d)| (p.preservation, *d, p.label.as_str()))
                 })
                 .collect();
-            // joined in order of preservation, so each attack reads as one curve
-            let mut line: Vec<(f64, f64)> = series.iter().map(|&(x, y, _)| (x, y)).collect();
-            line.sort_by(|a, b| a.0.total_cmp(&b.0));
-            chart
-                .draw_series(LineSeries::new(line, colour.stroke_width(1)))
-                .map_err(|e| err(e.to_string()))?;
+            if curves {
+                let mut line: Vec<(f64, f64)> = series.iter().map(|&(x, y, _)| (x, y)).collect();
+                line.sort_by(|a, b| a.0.total_cmp(&b.0));
+                chart
+                    .draw_series(LineSeries::new(line, colour.stroke_width(1)))
+                    .map_err(|e| err(e.to_string()))?;
+            }
             chart
                 .draw_series(series.iter().map(|&(x, y, _)| Circle::new((x, y), 5, colour.filled())))
                 .map_err(|e| err(e.to_string()))?

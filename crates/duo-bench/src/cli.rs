@@ -9,7 +9,7 @@ use duo_core::tensor_file::{TensorFile, write_tensor_file};
 use duo_core::tokenizer::ClipTokenizer;
 use duo_core::{DuoError, ModelFolder, Result};
 
-use crate::{eval, fid, judge, judge_check, judge_train, lpips, merge, perf, quality, sweep};
+use crate::{compare, eval, fid, judge, judge_check, judge_train, lpips, merge, perf, quality, sweep};
 
 #[derive(Parser, Debug)]
 #[command(
@@ -36,6 +36,10 @@ pub enum Command {
     /// DUO's robustness–preservation trade-off: one LoRA per β on shared pairs, each evaluated under
     /// a protocol; writes sweep.json and tradeoff.png.
     Sweep(sweep::SweepArgs),
+    /// DUO and the published erasure methods (SFT, ESD-x, ESD-u, UCE, RECE) under one protocol: each
+    /// method made on the same config, evaluated with the same seeds; writes compare.json,
+    /// compare.md and compare.png.
+    Compare(compare::CompareArgs),
     /// Run one component of a model folder on inputs from a safetensors file.
     ///
     /// unet: sample [B,C,H,W], timestep [B] (int64 or f32), encoder_hidden_states [B,S,D] → out.
@@ -107,6 +111,7 @@ pub fn run(cli: Cli) -> Result<()> {
         Command::Tokenize { model, prompts, out } => tokenize(&model, &prompts, &out),
         Command::Eval(args) => eval::run(args, device, float),
         Command::Sweep(args) => sweep::run(args, device, float),
+        Command::Compare(args) => compare::run(args, device, float),
         Command::Perf(args) => perf::run(args, device, float),
         Command::Quality(args) => quality::run(args, device, float),
         Command::JudgeTrain(args) => judge_train::run(args, device, float),

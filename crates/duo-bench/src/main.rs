@@ -5,6 +5,7 @@
 mod attacks;
 mod chart;
 mod cli;
+mod compare;
 mod eval;
 mod fid;
 mod judge;
@@ -14,6 +15,7 @@ mod lpips;
 mod merge;
 mod perf;
 mod quality;
+mod rows;
 mod sweep;
 
 use std::process::ExitCode;

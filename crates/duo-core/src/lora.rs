@@ -197,6 +197,20 @@ impl<B: Backend> LoraAdapter<B> {
     }
 }
 
+/// The UNet's linear layers whose diffusers module path matches `targets`, with their paths, in a
+/// fixed order (what the closed-form editors read and replace with adapters).
+pub fn matching_linears<'a, B: Backend>(
+    unet: &'a UNet2DConditionModel<B>,
+    targets: &LoraTargets,
+) -> Result<Vec<(String, &'a Linear<B>)>> {
+    let regex = targets.regex()?;
+    let found: Vec<_> = linears(unet).into_iter().filter(|(path, _)| regex.is_match(path)).collect();
+    match found.is_empty() {
+        true => Err(DuoError::Invalid(format!("no linear layer of the UNet matches `{targets}`"))),
+        false => Ok(found),
+    }
+}
+
 /// Freezes every parameter of the UNet and adds a fresh adapter (Gaussian `A`, zero `B`) to each
 /// linear layer whose module path matches `cfg.targets`. Afterwards only the adapters require
 /// gradients, so only they get gradients and optimizer state.

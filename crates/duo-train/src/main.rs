@@ -5,7 +5,7 @@ use std::process::ExitCode;
 use clap::{Parser, Subcommand};
 use duo_core::Result;
 use duo_core::device::{DeviceChoice, FloatType};
-use duo_train::{export, pairs, pretrain, sample, train, unlearn};
+use duo_train::{erase, export, pairs, pretrain, sample, train, unlearn};
 
 #[derive(Parser, Debug)]
 #[command(
@@ -37,6 +37,9 @@ enum Command {
     Pretrain(pretrain::PretrainArgs),
     /// Train a DUO LoRA on a pair folder (the learner: DPO on the pairs + output preservation).
     Train(train::TrainArgs),
+    /// The published erasure methods beside DUO, on the same config: ESD-x, ESD-u (fine-tuning), UCE
+    /// and RECE (closed-form edits); writes a LoRA or a model folder that `duo-bench eval` takes.
+    Erase(erase::EraseArgs),
     /// Convert a trained LoRA (or several, summed) to a diffusers/PEFT or Kohya LoRA file, or merge it
     /// into the base UNet.
     Export(export::ExportArgs),
@@ -55,6 +58,7 @@ fn run(cli: Cli) -> Result<()> {
         Command::Pretrain(args) => pretrain::run(args, device, float),
         Command::Train(args) => train::run(args, device, float).map(|_| ()),
         Command::Export(args) => export::run(args, device, float),
+        Command::Erase(args) => erase::run(args, device, float),
     }
 }
 

@@ -14,6 +14,7 @@ use duo_core::run_config::RunConfig;
 use duo_core::schedulers::SchedulerChoice;
 use serde::{Deserialize, Serialize};
 
+use crate::erase::config::{EsdSection, ReceSection, UceSection};
 use crate::learning::Schedule;
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -30,6 +31,13 @@ pub struct DuoConfig {
     /// `duo-train unlearn`'s before/after evaluation: a red-team protocol, usually with its
     /// prompt sets only (`duo-bench eval` takes the same protocol with every attack).
     pub eval: Protocol,
+    /// The baselines of `duo-train erase`, each at the authors' setting unless given.
+    #[serde(default)]
+    pub uce: UceSection,
+    #[serde(default)]
+    pub rece: ReceSection,
+    #[serde(default)]
+    pub esd: EsdSection,
 }
 
 /// How `duo-train unlearn` (and `duo-train pairs --config`) makes the SDEdit pairs, and where
@@ -251,7 +259,9 @@ impl DuoConfig {
             return Err(format!("pairs.strength = {}: must be in (0, 1]", p.strength));
         }
         self.lora.targets.parse::<LoraTargets>().map_err(|e| format!("lora.targets: {e}"))?;
-        Ok(())
+        self.uce.check()?;
+        self.rece.check()?;
+        self.esd.check()
     }
 }
 

@@ -1,0 +1,303 @@
+//! `duo-bench compare`: DUO and the published erasure methods in one table. Each method runs on the
+//! same config (DUO and its SFT baseline on one shared set of pairs; ESD, UCE and RECE through
+//! `duo-train erase`), each result faces the same protocol with the same seeds, and the figures go
+//! into `compare.json`, `compare.md` and `compare.png` (DSR under each attack against preservation,
+//! one marker per method). A rerun with the same `--out` reuses every finished method and evaluated
+//! prompt.
+
+use std::fmt::Write as _;
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+use burn::prelude::*;
+use burn::tensor::DType;
+use clap::{Args, ValueEnum};
+use duo_core::device::{BackendTask, DeviceChoice, FloatType, dispatch};
+use duo_core::eval::{AttackName, Protocol, Shard, lora_model_name};
+use duo_core::objective::Objective;
+use duo_core::pipelines::StableDiffusion;
+use duo_core::run_config::{RUN_CONFIG_FILE, RunConfig};
+use duo_core::{DuoError, ModelFolder, Result};
+use duo_train::erase::{Erased, Method, Record, erase};
+use duo_train::train::config::DuoConfig;
+use serde_json::{Value, json};
+
+use crate::chart::{TradeoffPoint, tradeoff};
+use crate::eval::{Models, attack_names, run_protocol};
+use crate::rows::{PRESERVATION, point, to_point};
+
+/// A method of the comparison.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum Compared {
+    /// DUO with the config's settings.
+    Duo,
+    /// The same LoRA, pairs and steps, fine-tuned on the safe twins alone (`duo.objective = "sft"`).
+    Sft,
+    EsdX,
+    EsdU,
+    Uce,
+    Rece,
+}
+
+impl Compared {
+    fn name(self) -> &'static str {
+        match self {
+            Self::Duo => "duo",
+            Self::Sft => "sft",
+            Self::EsdX => "esd-x",
+            Self::EsdU => "esd-u",
+            Self::Uce => "uce",
+            Self::Rece => "rece",
+        }
+    }
+
+    fn objective(self) -> Option<Objective> {
+        match self {
+            Self::Duo => Some(Objective::Duo),
+            Self::Sft => Some(Objective::Sft),
+            _ => None,
+        }
+    }
+
+    fn erase_method(self) -> Option<Method> {
+        match self {
+            Self::EsdX => Some(Method::EsdX),
+            Self::EsdU => Some(Method::EsdU),
+            Self::Uce => Some(Method::Uce),
+            Self::Rece => Some(Method::Rece),
+            Self::Duo | Self::Sft => None,
+        }
+    }
+}
+
+#[derive(Args, Debug, Clone)]
+pub struct CompareArgs {
+    /// The run config every method shares: model, concept, DUO's pairs and training, and the
+    /// baselines' sections ([esd], [uce], [rece]).
+    #[arg(long, default_value = "configs/toy-cross.toml")]
+    pub config: PathBuf,
+    /// Override a config key (repeatable), e.g. --set esd.iterations=200.
+    #[arg(long = "set", value_name = "KEY=VALUE")]
+    pub set: Vec<String>,
+    /// The protocol every method is evaluated under.
+    #[arg(long, default_value = "configs/eval-toy-cross.toml")]
+    pub protocol: PathBuf,
+    /// Override a protocol key (repeatable), e.g. --protocol-set seeds=4.
+    #[arg(long = "protocol-set", value_name = "KEY=VALUE")]
+    pub protocol_set: Vec<String>,
+    /// The methods, in table order (repeatable or comma-separated).
+    #[arg(long = "method", value_delimiter = ',', default_value = "duo,sft,esd-x,esd-u,uce,rece")]
+    pub methods: Vec<Compared>,
+    /// The attacks (default: the protocol's).
+    #[arg(long, value_delimiter = ',')]
+    pub attacks: Vec<String>,
+    /// Where each method's run and evaluation, compare.json, compare.md and compare.png go.
+    #[arg(long)]
+    pub out: PathBuf,
+    /// Without a terminal, print the training metrics every this many steps.
+    #[arg(long, default_value_t = 50)]
+    pub log_every: usize,
+}
+
+pub fn run(args: CompareArgs, device: DeviceChoice, float: FloatType) -> Result<()> {
+    if args.methods.is_empty() {
+        return Err(DuoError::Invalid("--method: name at least one method".into()));
+    }
+    let protocol = Protocol::load(&args.protocol, &args.protocol_set)?;
+    let names = attack_names(&protocol, &args.attacks)?;
+    let mut sets = args.set.clone();
+    sets.push(format!("pairs.dir={}", args.out.join("pairs").display()));
+    let config = DuoConfig::load(&args.config, &sets)?;
+    std::fs::create_dir_all(&args.out).map_err(|e| DuoError::io(&args.out, e))?;
+    dispatch(device, float, CompareTask { args, protocol, names, config })
+}
+
+struct CompareTask {
+    args: CompareArgs,
+    protocol: Protocol,
+    names: Vec<AttackName>,
+    config: DuoConfig,
+}
+
+impl BackendTask for CompareTask {
+    type Output = ();
+
+    fn run<B: Backend>(self, device: B::Device, dtype: DType) -> Result<()> {
+        let Self { args, protocol, names, config } = self;
+        let load =
+            |path: &Path| StableDiffusion::<B>::load(&ModelFolder::open(path)?.with_dtype(dtype), &device);
+        let sd = load(&config.model)?;
+        let base_name = config.model.display().to_string();
+        let pairs_seconds = match args.methods.iter().any(|m| m.objective().is_some()) {
+            true => make_pairs(&sd, &config, &args.out)?,
+            false => 0.0,
+        };
+
+        let mut rows = Vec::new();
+        let mut base: Option<Value> = None;
+        for &method in &args.methods {
+            let dir = args.out.join(method.name());
+            println!("\n== {} ==", method.name());
+            let Some(record) = produce(&sd, &config, method, &dir, pairs_seconds, args.log_every)? else {
+                println!("training stopped early; rerun the same command to continue");
+                return Ok(());
+            };
+            let (unlearned, unlearned_name) = match &record.output {
+                Erased::Lora(file) => {
+                    let spec = file.display().to_string();
+                    (
+                        sd.clone().with_loras(std::slice::from_ref(&spec))?,
+                        lora_model_name(&config.model, &[spec])?,
+                    )
+                }
+                Erased::Model(folder) => (load(folder)?, folder.display().to_string()),
+            };
+            let models = Models {
+                base: &sd,
+                unlearned: &unlearned,
+                base_name: &base_name,
+                unlearned_name: &unlearned_name,
+            };
+            let report = run_protocol(&models, &protocol, &names, true, &dir.join("eval"), Shard::WHOLE)?;
+            base.get_or_insert_with(|| point(&report, "base", false));
+            let mut row = point(&report, method.name(), true);
+            row["seconds"] = json!(record.seconds);
+            row["output"] = json!(record.output);
+            row["eval"] = json!(dir.join("eval/report.md"));
+            rows.push(row);
+        }
+        let base = base.unwrap_or(Value::Null);
+        let summary = json!({
+            "config": args.config, "protocol": args.protocol, "protocol_hash": protocol.hash()?,
+            "model": config.model, "concept": config.concept, "preservation_measure": PRESERVATION,
+            "pairs_seconds": pairs_seconds, "base": base, "methods": rows,
+        });
+        let out = &args.out;
+        duo_core::fsutil::write_json(&out.join("compare.json"), &summary)?;
+        let points: Vec<TradeoffPoint> = std::iter::once(&base).chain(&rows).map(to_point).collect();
+        let title = format!("Erasing `{}`: every method under one protocol", config.concept);
+        tradeoff(&title, PRESERVATION, &points, false, &out.join("compare.png"))?;
+        let table = table(&base, &rows);
+        let md = format!(
+            "# Erasing `{concept}` from {model}: DUO and the published methods\n\n\
+             Every method ran on `{config}` and was evaluated under `{protocol}` (hash {hash}), the same \
+             prompts and seeds for each. DSR: the fraction of images in which the judge does not see \
+             `{concept}`. Time: making the method's model on this machine (DUO and SFT: their training plus \
+             the {pairs:.0} s of the pairs they share).\n\n{table}\n\
+             ![DSR against preservation, one marker per method](compare.png)\n\n\
+             Each method's report, with every image and the 95% intervals: `<method>/eval/report.md`.\n",
+            concept = config.concept,
+            model = config.model.display(),
+            config = args.config.display(),
+            protocol = args.protocol.display(),
+            hash = &protocol.hash()?[..12],
+            pairs = pairs_seconds,
+        );
+        duo_core::fsutil::write_atomic(&out.join("compare.md"), md.as_bytes())?;
+        println!("\n{table}");
+        println!(
+            "wrote {}, {} and {}",
+            out.join("compare.json").display(),
+            out.join("compare.md").display(),
+            out.join("compare.png").display()
+        );
+        Ok(())
+    }
+}
+
+/// The pairs DUO and SFT share, made once; returns how long making them took (measured the first
+/// time, then read back from `pairs/timing.json`).
+fn make_pairs<B: Backend>(sd: &StableDiffusion<B>, config: &DuoConfig, out: &Path) -> Result<f64> {
+    let timing = out.join("pairs").join("timing.json");
+    println!("== pairs: {} SDEdit pairs, shared by DUO and SFT ==", config.pairs.count);
+    let started = Instant::now();
+    let judge = config.pairs.judge_settings().load::<B>(&sd.device)?;
+    duo_train::pairs::make_pairs(
+        sd,
+        judge.as_deref(),
+        &config.pairs,
+        &config.concept,
+        &config.model.display().to_string(),
+    )?;
+    if let Ok(text) = std::fs::read_to_string(&timing)
+        && let Some(seconds) = serde_json::from_str::<Value>(&text).ok().and_then(|v| v["seconds"].as_f64())
+    {
+        return Ok(seconds);
+    }
+    let seconds = started.elapsed().as_secs_f64();
+    duo_core::fsutil::write_json(&timing, &json!({ "seconds": seconds }))?;
+    Ok(seconds)
+}
+
+/// Makes `method`'s model in `dir` (or reads back the finished one); `None` when a training was
+/// stopped early.
+fn produce<B: Backend>(
+    sd: &StableDiffusion<B>,
+    config: &DuoConfig,
+    method: Compared,
+    dir: &Path,
+    pairs_seconds: f64,
+    log_every: usize,
+) -> Result<Option<Record>> {
+    if let Some(erase_method) = method.erase_method() {
+        if erase(sd, config, erase_method, dir, log_every)?.is_none() {
+            return Ok(None);
+        }
+        return Record::read(dir);
+    }
+    if let Some(record) = Record::read(dir)? {
+        println!("{}: finished run in {}, reused", method.name(), dir.display());
+        return Ok(Some(record));
+    }
+    let Some(objective) = method.objective() else { return Ok(None) };
+    let train_dir = dir.join("train");
+    let saved = train_dir.join(RUN_CONFIG_FILE);
+    let config = match saved.is_file() {
+        true => DuoConfig::resumed(&saved, &[])?,
+        false => DuoConfig {
+            duo: duo_train::train::config::DuoSection { objective, ..config.duo.clone() },
+            ..config.clone()
+        },
+    };
+    let started = Instant::now();
+    let Some(lora) = duo_train::train::train_lora(sd, &config, &train_dir, log_every)? else {
+        return Ok(None);
+    };
+    let record = Record {
+        method: method.name().to_string(),
+        model: config.model.clone(),
+        concept: config.concept.clone(),
+        output: Erased::Lora(lora),
+        seconds: started.elapsed().as_secs_f64() + pairs_seconds,
+        details: json!({ "duo": config.duo, "lora": config.lora, "training": config.training, "pairs_seconds": pairs_seconds }),
+    };
+    record.write(dir)?;
+    Ok(Some(record))
+}
+
+/// The markdown table: one row per model, DSR under each attack, the preservation accuracies and
+/// similarity, and the time each method took.
+fn table(base: &Value, rows: &[Value]) -> String {
+    let attacks: Vec<String> =
+        base["dsr"].as_object().map(|d| d.keys().cloned().collect()).unwrap_or_default();
+    let pct = |v: &Value| v.as_f64().map_or("–".to_string(), |x| format!("{:.1}%", 100.0 * x));
+    let mut out = format!(
+        "| method | {} | accuracy, safe | accuracy, look-alike | preservation | time |\n|---|{}---|---|---|---|\n",
+        attacks.join(" | "),
+        "---|".repeat(attacks.len())
+    );
+    for row in std::iter::once(base).chain(rows) {
+        let cells: Vec<String> = attacks.iter().map(|a| pct(&row["dsr"][a])).collect();
+        let time = row["seconds"].as_f64().map_or("–".to_string(), |s| format!("{s:.0} s"));
+        let _ = writeln!(
+            out,
+            "| {} | {} | {} | {} | {:.3} | {time} |",
+            row["label"].as_str().unwrap_or(""),
+            cells.join(" | "),
+            pct(&row["safe_accuracy"]),
+            pct(&row["lookalike_accuracy"]),
+            row["preservation"].as_f64().unwrap_or(f64::NAN),
+        );
+    }
+    out
+}
