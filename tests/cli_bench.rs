@@ -460,3 +460,41 @@ fn fid_compares_two_folders() {
     assert!(report["fid"].as_f64().unwrap() > 0.0 && report["n_b"] == 2, "{report}");
     std::fs::remove_dir_all(&dir).ok();
 }
+
+/// The GPU check runs end to end against this build on the CPU: one JSON file with every step, the
+/// parity errors in each float type and the DUO step's figures. (Its PyTorch steps need torch and
+/// diffusers; without them they are recorded as failed, which the script reports and survives.)
+#[test]
+fn the_gpu_check_script_runs_against_the_cpu_build() {
+    let out = tmp("gpu-check.json");
+    let bin = PathBuf::from(env!("CARGO_BIN_EXE_duo-bench"));
+    let output = Command::new("bash")
+        .arg(root().join("scripts/gpu-check.sh"))
+        .args(["--devices", "cpu", "--torch-device", "cpu", "--quick", "--bin"])
+        .arg(bin.parent().unwrap())
+        .arg("--out")
+        .arg(&out)
+        .current_dir(root())
+        .output()
+        .unwrap();
+    let log =
+        format!("{}{}", String::from_utf8_lossy(&output.stdout), String::from_utf8_lossy(&output.stderr));
+    assert!(output.status.success(), "{log}");
+    let report: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&out).unwrap()).unwrap();
+    let parity = &report["parity"]["cpu"];
+    for (dtype, tolerance) in [("f32", 1e-4), ("f16", 2e-2), ("bf16", 1e-1)] {
+        for fixture in ["unet-float", "unet-int", "text_encoder", "vae-square"] {
+            let errors =
+                parity[dtype][fixture].as_object().unwrap_or_else(|| panic!("{dtype} {fixture}: {log}"));
+            for (name, error) in errors {
+                let error = error.as_f64().unwrap();
+                assert!(error < tolerance, "{dtype} {fixture} {name}: {error}");
+            }
+        }
+    }
+    let step = &report["duo_step"]["cpu"];
+    assert_eq!(step["status"], 0, "{step}");
+    assert!(step["figures"][0]["duo_step_ms"].as_f64().unwrap() > 0.0, "{step}");
+    assert_eq!(report["unet"]["cpu"]["status"], 0);
+    assert!(report["steps"].as_array().unwrap().len() >= 16);
+}

@@ -59,6 +59,13 @@ pub enum Command {
         /// Weight file variant, e.g. fp16 for `*.fp16.safetensors`.
         #[arg(long)]
         variant: Option<String>,
+        /// Reference outputs (e.g. a parity fixture's `.out.safetensors`): print each output's
+        /// relative max error, max|ours − ref| / max|ref|, against the same-named tensor.
+        #[arg(long)]
+        expected: Option<PathBuf>,
+        /// With --expected: also write the errors as JSON here.
+        #[arg(long, requires = "expected")]
+        errors_json: Option<PathBuf>,
     },
     /// Tokenize a JSON array of prompts as SD does (77 ids, padded).
     Tokenize {
@@ -103,9 +110,9 @@ pub fn run(cli: Cli) -> Result<()> {
     };
     let float: FloatType = cli.dtype.parse()?;
     match cli.command {
-        Command::Forward { model, component, inputs, out, variant } => {
+        Command::Forward { model, component, inputs, out, variant, expected, errors_json } => {
             let component: Component = component.parse()?;
-            let task = ForwardTask { model, component, inputs, out, variant };
+            let task = ForwardTask { model, component, inputs, out, variant, expected, errors_json };
             dispatch(device, float, task)
         }
         Command::Tokenize { model, prompts, out } => tokenize(&model, &prompts, &out),
@@ -129,6 +136,8 @@ struct ForwardTask {
     inputs: PathBuf,
     out: PathBuf,
     variant: Option<String>,
+    expected: Option<PathBuf>,
+    errors_json: Option<PathBuf>,
 }
 
 impl BackendTask for ForwardTask {
@@ -142,8 +151,48 @@ impl BackendTask for ForwardTask {
         for (name, data) in &outputs {
             println!("{name}: {:?}", data.shape.as_slice());
         }
+        if let Some(expected) = &self.expected {
+            let errors = relative_errors(&outputs, &TensorFile::read(expected)?)?;
+            for (name, error) in &errors {
+                println!("{name}: relative max error {error:.3e}");
+            }
+            if let Some(file) = &self.errors_json {
+                let map: serde_json::Map<String, serde_json::Value> =
+                    errors.into_iter().map(|(k, v)| (k, serde_json::json!(v))).collect();
+                duo_core::fsutil::write_json(file, &serde_json::Value::Object(map))?;
+            }
+        }
         Ok(())
     }
+}
+
+/// max|ours − ref| / max(max|ref|, 1e-6) of every output the reference file also holds (the
+/// measure the parity tests state their tolerances in).
+fn relative_errors(outputs: &[(String, TensorData)], expected: &TensorFile) -> Result<Vec<(String, f64)>> {
+    let mut errors = Vec::new();
+    for (name, data) in outputs {
+        let Ok(reference) = expected.get(name) else { continue };
+        if reference.shape != data.shape {
+            return Err(DuoError::Invalid(format!(
+                "{}: `{name}` is {:?}, the output {:?}",
+                expected.path().display(),
+                reference.shape,
+                data.shape
+            )));
+        }
+        let values = |d: &TensorData| d.clone().convert::<f64>().into_vec::<f64>();
+        let (ours, theirs) = match (values(data), values(reference)) {
+            (Ok(a), Ok(b)) => (a, b),
+            _ => return Err(DuoError::Invalid(format!("`{name}`: not a float tensor"))),
+        };
+        let diff = ours.iter().zip(&theirs).map(|(a, b)| (a - b).abs()).fold(0.0, f64::max);
+        let scale = theirs.iter().map(|b| b.abs()).fold(0.0, f64::max).max(1e-6);
+        errors.push((name.clone(), diff / scale));
+    }
+    if errors.is_empty() {
+        return Err(DuoError::Invalid(format!("{} holds none of the outputs", expected.path().display())));
+    }
+    Ok(errors)
 }
 
 fn tokenize(model: &std::path::Path, prompts: &std::path::Path, out: &std::path::Path) -> Result<()> {

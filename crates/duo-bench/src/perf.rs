@@ -41,6 +41,10 @@ pub struct PerfArgs {
     /// Python interpreter with torch + diffusers, for --compare.
     #[arg(long, default_value = "python3")]
     pub python: String,
+    /// The PyTorch side of --compare (default: tests/perf/reference.py of the repository the
+    /// command runs in, else of the one it was built from).
+    #[arg(long)]
+    pub reference: Option<PathBuf>,
     /// Write the figures as JSON here.
     #[arg(long)]
     pub json: Option<PathBuf>,
@@ -250,7 +254,16 @@ pub(crate) fn reference_json(
     device: DeviceChoice,
     float: FloatType,
 ) -> Result<(serde_json::Value, String)> {
-    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../tests/perf/reference.py");
+    let script = match &args.reference {
+        Some(script) => script.clone(),
+        None => [
+            PathBuf::from("tests/perf/reference.py"),
+            Path::new(env!("CARGO_MANIFEST_DIR")).join("../../tests/perf/reference.py"),
+        ]
+        .into_iter()
+        .find(|p| p.is_file())
+        .unwrap_or_else(|| PathBuf::from("tests/perf/reference.py")),
+    };
     let torch_device = match device {
         DeviceChoice::Cuda(i) => format!("cuda:{i}"),
         _ => "cpu".to_string(),
