@@ -18,7 +18,8 @@ use crate::{compare, eval, fid, judge, judge_check, judge_train, lpips, merge, p
     about = "Attacks, judges, metrics and benchmarks for unlearned diffusion models"
 )]
 pub struct Cli {
-    /// Device to run on: cpu, ndarray, wgpu[:N], vulkan[:N], cuda[:N] (default: the best compiled in).
+    /// Device to run on: cpu, ndarray, wgpu[:N], vulkan[:N], cuda[:N], torch-cpu, torch-cuda[:N] (default:
+    /// the best compiled in).
     #[arg(long, global = true)]
     pub device: Option<String>,
     /// Float type of weights and activations: f32, f16, bf16 (where the device supports it).

@@ -51,23 +51,24 @@ impl Compared {
         }
     }
 
-    fn objective(self) -> Option<Objective> {
+    /// How the method's model is made.
+    fn maker(self) -> Maker {
         match self {
-            Self::Duo => Some(Objective::Duo),
-            Self::Sft => Some(Objective::Sft),
-            _ => None,
+            Self::Duo => Maker::Learner(Objective::Duo),
+            Self::Sft => Maker::Learner(Objective::Sft),
+            Self::EsdX => Maker::Erase(Method::EsdX),
+            Self::EsdU => Maker::Erase(Method::EsdU),
+            Self::Uce => Maker::Erase(Method::Uce),
+            Self::Rece => Maker::Erase(Method::Rece),
         }
     }
+}
 
-    fn erase_method(self) -> Option<Method> {
-        match self {
-            Self::EsdX => Some(Method::EsdX),
-            Self::EsdU => Some(Method::EsdU),
-            Self::Uce => Some(Method::Uce),
-            Self::Rece => Some(Method::Rece),
-            Self::Duo | Self::Sft => None,
-        }
-    }
+enum Maker {
+    /// The DUO learner with this objective, on the shared pairs.
+    Learner(Objective),
+    /// `duo-train erase`.
+    Erase(Method),
 }
 
 #[derive(Args, Debug, Clone)]
@@ -128,7 +129,7 @@ impl BackendTask for CompareTask {
             |path: &Path| StableDiffusion::<B>::load(&ModelFolder::open(path)?.with_dtype(dtype), &device);
         let sd = load(&config.model)?;
         let base_name = config.model.display().to_string();
-        let pairs_seconds = match args.methods.iter().any(|m| m.objective().is_some()) {
+        let pairs_seconds = match args.methods.iter().any(|m| matches!(m.maker(), Maker::Learner(_))) {
             true => make_pairs(&sd, &config, &args.out)?,
             false => 0.0,
         };
@@ -177,7 +178,8 @@ impl BackendTask for CompareTask {
         let points: Vec<TradeoffPoint> = std::iter::once(&base).chain(&rows).map(to_point).collect();
         let title = format!("Erasing `{}`: every method under one protocol", config.concept);
         tradeoff(&title, PRESERVATION, &points, false, &out.join("compare.png"))?;
-        let table = table(&base, &rows);
+        let attacks: Vec<&str> = names.iter().map(|n| n.as_str()).collect();
+        let table = table(&base, &rows, &attacks);
         let md = format!(
             "# Erasing `{concept}` from {model}: DUO and the published methods\n\n\
              Every method ran on `{config}` and was evaluated under `{protocol}` (hash {hash}), the same \
@@ -239,17 +241,19 @@ fn produce<B: Backend>(
     pairs_seconds: f64,
     log_every: usize,
 ) -> Result<Option<Record>> {
-    if let Some(erase_method) = method.erase_method() {
-        if erase(sd, config, erase_method, dir, log_every)?.is_none() {
-            return Ok(None);
+    let objective = match method.maker() {
+        Maker::Erase(erase_method) => {
+            if erase(sd, config, erase_method, dir, log_every)?.is_none() {
+                return Ok(None);
+            }
+            return Record::read(dir);
         }
-        return Record::read(dir);
-    }
+        Maker::Learner(objective) => objective,
+    };
     if let Some(record) = Record::read(dir)? {
         println!("{}: finished run in {}, reused", method.name(), dir.display());
         return Ok(Some(record));
     }
-    let Some(objective) = method.objective() else { return Ok(None) };
     let train_dir = dir.join("train");
     let saved = train_dir.join(RUN_CONFIG_FILE);
     let config = match saved.is_file() {
@@ -275,11 +279,9 @@ fn produce<B: Backend>(
     Ok(Some(record))
 }
 
-/// The markdown table: one row per model, DSR under each attack, the preservation accuracies and
-/// similarity, and the time each method took.
-fn table(base: &Value, rows: &[Value]) -> String {
-    let attacks: Vec<String> =
-        base["dsr"].as_object().map(|d| d.keys().cloned().collect()).unwrap_or_default();
+/// The markdown table: one row per model, DSR under each attack (in the protocol's order), the
+/// preservation accuracies and similarity, and the time each method took.
+fn table(base: &Value, rows: &[Value], attacks: &[&str]) -> String {
     let pct = |v: &Value| v.as_f64().map_or("–".to_string(), |x| format!("{:.1}%", 100.0 * x));
     let mut out = format!(
         "| method | {} | accuracy, safe | accuracy, look-alike | preservation | time |\n|---|{}---|---|---|---|\n",
@@ -287,8 +289,12 @@ fn table(base: &Value, rows: &[Value]) -> String {
         "---|".repeat(attacks.len())
     );
     for row in std::iter::once(base).chain(rows) {
-        let cells: Vec<String> = attacks.iter().map(|a| pct(&row["dsr"][a])).collect();
-        let time = row["seconds"].as_f64().map_or("–".to_string(), |s| format!("{s:.0} s"));
+        let cells: Vec<String> = attacks.iter().map(|a| pct(&row["dsr"][*a])).collect();
+        let time = match row["seconds"].as_f64() {
+            None => "–".to_string(),
+            Some(s) if s < 10.0 => format!("{s:.1} s"),
+            Some(s) => format!("{s:.0} s"),
+        };
         let _ = writeln!(
             out,
             "| {} | {} | {} | {} | {:.3} | {time} |",

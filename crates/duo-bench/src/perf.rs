@@ -265,7 +265,7 @@ pub(crate) fn reference_json(
         .unwrap_or_else(|| PathBuf::from("tests/perf/reference.py")),
     };
     let torch_device = match device {
-        DeviceChoice::Cuda(i) => format!("cuda:{i}"),
+        DeviceChoice::Cuda(i) | DeviceChoice::TorchCuda(i) => format!("cuda:{i}"),
         _ => "cpu".to_string(),
     };
     let out = std::env::temp_dir().join(format!("duo-perf-reference-{}.json", std::process::id()));

@@ -10,7 +10,8 @@ use burn::tensor::{DType, FloatDType};
 
 use crate::error::{DuoError, Result};
 
-/// A device named on the command line: `cpu`, `ndarray`, `wgpu[:N]`, `vulkan[:N]`, `cuda[:N]`.
+/// A device named on the command line: `cpu`, `ndarray`, `wgpu[:N]`, `vulkan[:N]`, `cuda[:N]`,
+/// `torch-cpu`, `torch-cuda[:N]`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum DeviceChoice {
     /// Burn's Flex CPU backend (feature `flex`).
@@ -20,6 +21,10 @@ pub enum DeviceChoice {
     Wgpu(usize),
     Vulkan(usize),
     Cuda(usize),
+    /// LibTorch's CPU kernels through Burn's tch backend (feature `tch`): PyTorch's speed on the CPU.
+    TorchCpu,
+    /// LibTorch on CUDA device N (feature `tch`).
+    TorchCuda(usize),
 }
 
 impl DeviceChoice {
@@ -47,6 +52,8 @@ impl DeviceChoice {
             (cfg!(feature = "wgpu"), "wgpu"),
             (cfg!(feature = "vulkan"), "vulkan"),
             (cfg!(feature = "cuda"), "cuda"),
+            (cfg!(feature = "tch"), "torch-cpu"),
+            (cfg!(feature = "tch"), "torch-cuda"),
         ] {
             if on {
                 names.push(name);
@@ -62,7 +69,7 @@ impl FromStr for DeviceChoice {
         let (name, index) = match s.split_once(':') {
             Some((n, i)) => {
                 let index = i.parse().map_err(|_| DuoError::Invalid(format!("bad device index in {s:?}")))?;
-                if matches!(n, "cpu" | "flex" | "ndarray") {
+                if matches!(n, "cpu" | "flex" | "ndarray" | "torch-cpu") {
                     return Err(DuoError::Invalid(format!(
                         "device {s:?}: the {n} backend has one device and takes no index (use `{n}`)"
                     )));
@@ -77,6 +84,8 @@ impl FromStr for DeviceChoice {
             "wgpu" => Self::Wgpu(index),
             "vulkan" => Self::Vulkan(index),
             "cuda" => Self::Cuda(index),
+            "torch-cpu" => Self::TorchCpu,
+            "torch-cuda" => Self::TorchCuda(index),
             other => {
                 return Err(DuoError::Invalid(format!(
                     "unknown device {other:?}; this build has: {}",
@@ -90,11 +99,16 @@ impl FromStr for DeviceChoice {
             Self::Wgpu(_) => cfg!(feature = "wgpu"),
             Self::Vulkan(_) => cfg!(feature = "vulkan"),
             Self::Cuda(_) => cfg!(feature = "cuda"),
+            Self::TorchCpu | Self::TorchCuda(_) => cfg!(feature = "tch"),
         };
         if !compiled {
             return Err(DuoError::Invalid(format!(
                 "device {name:?} is not compiled into this binary (rebuild with `--features {}`); this build has: {}",
-                if name == "cpu" { "flex" } else { name },
+                match name {
+                    "cpu" => "flex",
+                    "torch-cpu" | "torch-cuda" => "tch",
+                    other => other,
+                },
                 Self::compiled_in().join(", ")
             )));
         }
@@ -110,6 +124,8 @@ impl fmt::Display for DeviceChoice {
             Self::Wgpu(i) => write!(f, "wgpu:{i}"),
             Self::Vulkan(i) => write!(f, "vulkan:{i}"),
             Self::Cuda(i) => write!(f, "cuda:{i}"),
+            Self::TorchCpu => write!(f, "torch-cpu"),
+            Self::TorchCuda(i) => write!(f, "torch-cuda:{i}"),
         }
     }
 }
@@ -185,6 +201,20 @@ pub fn dispatch<T: BackendTask>(choice: DeviceChoice, float: FloatType, task: T)
         #[cfg(feature = "cuda")]
         DeviceChoice::Cuda(i) => run_checked::<burn::backend::Cuda, T>(
             burn::backend::cuda::CudaDevice::new(i),
+            choice,
+            float,
+            task,
+        ),
+        #[cfg(feature = "tch")]
+        DeviceChoice::TorchCpu => run_checked::<burn::backend::LibTorch, T>(
+            burn::backend::libtorch::LibTorchDevice::Cpu,
+            choice,
+            float,
+            task,
+        ),
+        #[cfg(feature = "tch")]
+        DeviceChoice::TorchCuda(i) => run_checked::<burn::backend::LibTorch, T>(
+            burn::backend::libtorch::LibTorchDevice::Cuda(i),
             choice,
             float,
             task,

@@ -14,7 +14,8 @@ use duo_train::{erase, export, pairs, pretrain, sample, train, unlearn};
     about = "Direct Unlearning Optimization for text-to-image diffusion models"
 )]
 struct Cli {
-    /// Device to run on: cpu, ndarray, wgpu[:N], vulkan[:N], cuda[:N] (default: the best compiled in).
+    /// Device to run on: cpu, ndarray, wgpu[:N], vulkan[:N], cuda[:N], torch-cpu, torch-cuda[:N] (default:
+    /// the best compiled in).
     #[arg(long, global = true)]
     device: Option<String>,
     /// Float type of weights and activations: f32, f16, bf16 (where the device supports it).
