@@ -243,4 +243,15 @@ fn every_method_runs_through_the_command_and_a_finished_run_is_reused() {
     assert!(dir.join("rece/round-3.safetensors").is_file(), "every RECE round is kept");
     let again = erase(&dir.join("uce"), "uce", &[]);
     assert!(again.contains("reused"), "{again}");
+    // … but not under another config
+    let root = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../..");
+    let other = Command::new(env!("CARGO_BIN_EXE_duo-train"))
+        .args(["--device", "cpu", "erase", "--method", "uce", "--set", "uce.lambda=0.1", "--out"])
+        .arg(dir.join("uce"))
+        .arg("--config")
+        .arg(root.join("configs/toy-cross.toml"))
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&other.stderr);
+    assert!(!other.status.success() && text.contains("another config"), "{text}");
 }

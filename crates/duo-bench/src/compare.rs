@@ -18,7 +18,7 @@ use duo_core::objective::Objective;
 use duo_core::pipelines::StableDiffusion;
 use duo_core::run_config::{RUN_CONFIG_FILE, RunConfig};
 use duo_core::{DuoError, ModelFolder, Result};
-use duo_train::erase::{Erased, Method, Record, erase};
+use duo_train::erase::{Erased, Method, Record, erase, refuse_other_config};
 use duo_train::train::config::DuoConfig;
 use serde_json::{Value, json};
 
@@ -250,18 +250,20 @@ fn produce<B: Backend>(
         }
         Maker::Learner(objective) => objective,
     };
+    let train_dir = dir.join("train");
+    let saved = train_dir.join(RUN_CONFIG_FILE);
+    let wanted = DuoConfig {
+        duo: duo_train::train::config::DuoSection { objective, ..config.duo.clone() },
+        ..config.clone()
+    };
     if let Some(record) = Record::read(dir)? {
+        refuse_other_config(&saved, &wanted)?;
         println!("{}: finished run in {}, reused", method.name(), dir.display());
         return Ok(Some(record));
     }
-    let train_dir = dir.join("train");
-    let saved = train_dir.join(RUN_CONFIG_FILE);
     let config = match saved.is_file() {
         true => DuoConfig::resumed(&saved, &[])?,
-        false => DuoConfig {
-            duo: duo_train::train::config::DuoSection { objective, ..config.duo.clone() },
-            ..config.clone()
-        },
+        false => wanted,
     };
     let started = Instant::now();
     let Some(lora) = duo_train::train::train_lora(sd, &config, &train_dir, log_every)? else {

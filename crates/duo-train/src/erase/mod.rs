@@ -174,6 +174,7 @@ pub fn erase<B: Backend>(
     log_every: usize,
 ) -> Result<Option<Erased>> {
     if let Some(done) = Record::read(out)? {
+        refuse_other_config(&out.join(RUN_CONFIG_FILE), config)?;
         println!("{method}: finished run in {}, reused", out.display());
         return Ok(Some(done.output));
     }
@@ -203,7 +204,7 @@ pub fn erase<B: Backend>(
             (Erased::Lora(file), details)
         }
         Method::EsdX | Method::EsdU => {
-            if !config.esd.lora && sd_is_single_file(&config.model) {
+            if !config.esd.lora && config.model.is_file() {
                 return Err(DuoError::Invalid(format!(
                     "{}: ESD's fine-tuned weights are written as a model folder beside the base's other components, \
                      which needs a diffusers folder as the base; convert the checkpoint, or set esd.lora = true",
@@ -240,8 +241,17 @@ pub fn erase<B: Backend>(
     Ok(Some(output))
 }
 
-fn sd_is_single_file(model: &Path) -> bool {
-    model.is_file()
+/// A finished run is reused only under the config it was made with.
+pub fn refuse_other_config(saved: &Path, config: &DuoConfig) -> Result<()> {
+    if saved.is_file() && DuoConfig::load(saved, &[])? != *config {
+        let folder = saved.parent().unwrap_or(saved);
+        return Err(DuoError::Invalid(format!(
+            "{} holds a finished run made with another config ({}); remove the folder or pick another --out",
+            folder.display(),
+            saved.display()
+        )));
+    }
+    Ok(())
 }
 
 /// A model folder at `dest`: the base folder's files, linked (or copied where links fail), with
