@@ -18,10 +18,10 @@ use clap::Args;
 use duo_core::device::{BackendTask, DeviceChoice, FloatType, dispatch};
 use duo_core::eval::{Condition, SeededSampler};
 use duo_core::judge::ToyJudge;
+use duo_core::progress::Progress;
 use duo_core::pipelines::StableDiffusion;
 use duo_core::schedulers::{Scheduler, SchedulerKind};
 use duo_core::{DuoError, ModelFolder, Result};
-use indicatif::{ProgressBar, ProgressStyle};
 
 use cases::{ERASED, UNCONDITIONAL_PROMPT, conditional_cases, grid_rows};
 use grid::{GRID_FILE, GridCollector, TILES_FILE};
@@ -99,18 +99,13 @@ impl BackendTask for QualityTask {
         let cases = conditional_cases();
         let prompts: Vec<String> = cases.iter().map(|c| c.prompt.clone()).collect();
         let mut grid = GridCollector::new(grid_rows(), args.seeds);
-        let bar = ProgressBar::new(((prompts.len() + 1) * args.seeds) as u64).with_style(
-            ProgressStyle::with_template(
-                "quality [{bar:30}] {pos}/{len} images {elapsed_precise} (eta {eta})",
-            )
-            .expect("static template"),
-        );
+        let bar = Progress::new("quality", ((prompts.len() + 1) * args.seeds) as u64, "images");
         let prompted = SeededSampler::new(&sd, &scheduler, args.guidance, args.batch)?;
         let verdicts = judge_all(&prompted, &prompts, &seeds, &judge, &mut grid, &bar)?;
         let unconditional = SeededSampler { guidance: UNCONDITIONAL_GUIDANCE, ..prompted };
         let unconditional =
             judge_all(&unconditional, &[UNCONDITIONAL_PROMPT.to_string()], &seeds, &judge, &mut grid, &bar)?;
-        bar.finish_and_clear();
+        bar.finish();
 
         let unconditional = unconditional.into_iter().next().unwrap_or_default();
         let grid_judge_labels = grid
@@ -170,7 +165,7 @@ fn judge_all<B: Backend>(
     seeds: &[u64],
     judge: &ToyJudge<B>,
     grid: &mut GridCollector<B>,
-    bar: &ProgressBar,
+    bar: &Progress,
 ) -> Result<Vec<Vec<(Verdict, f32)>>> {
     let mut verdicts = vec![Vec::with_capacity(seeds.len()); prompts.len()];
     let conditions = Condition::texts(prompts);
