@@ -162,12 +162,27 @@ pub fn tradeoff(
                 .map_err(|e| err(e.to_string()))?
                 .label(attack.as_str())
                 .legend(move |(x, y)| Circle::new((x + 8, y), 5, colour.filled()));
+            // a sweep names each model at its first curve's marker; a comparison, whose markers
+            // are not joined, names each model's column above the markers
             if k == 0 {
+                let mut placed: Vec<(String, (f64, f64))> = series
+                    .iter()
+                    .map(|&(x, y, label)| (label.to_string(), if curves { (x, y) } else { (x, 1.03) }))
+                    .collect();
+                if !curves {
+                    // labels closer than a few characters' width go one line lower each
+                    placed.sort_by(|a, b| a.1.0.total_cmp(&b.1.0));
+                    let near = (hi - lo + 2.0 * pad) * 0.06;
+                    for i in 1..placed.len() {
+                        let (x0, y0) = placed[i - 1].1;
+                        if placed[i].1.0 - x0 < near {
+                            placed[i].1.1 = y0 - 0.035;
+                        }
+                    }
+                }
                 chart
                     .draw_series(
-                        series.iter().map(|&(x, y, label)| {
-                            Text::new(label.to_string(), (x, y), (FAMILY, 12).into_font())
-                        }),
+                        placed.into_iter().map(|(label, at)| Text::new(label, at, (FAMILY, 12).into_font())),
                     )
                     .map_err(|e| err(e.to_string()))?;
             }

@@ -18,8 +18,8 @@ use clap::Args;
 use duo_core::device::{BackendTask, DeviceChoice, FloatType, dispatch};
 use duo_core::eval::{Condition, SeededSampler};
 use duo_core::judge::ToyJudge;
-use duo_core::progress::Progress;
 use duo_core::pipelines::StableDiffusion;
+use duo_core::progress::Progress;
 use duo_core::schedulers::{Scheduler, SchedulerKind};
 use duo_core::{DuoError, ModelFolder, Result};
 
