@@ -364,3 +364,66 @@ fn shards_merge_into_the_unsharded_report() {
     let output = merge(&dir.join("mixed"), &[&shards[0], &whole]);
     assert!(text(&output).contains("one shard count"), "{}", text(&output));
 }
+
+#[test]
+fn compare_makes_and_evaluates_every_method_under_one_protocol() {
+    let dir = tmp("compare");
+    let model = dir.join("sd1-tiny-32");
+    common::sd1_tiny_at_judge_size(&model);
+    let out = dir.join("out");
+    let mut command = Command::new(env!("CARGO_BIN_EXE_duo-bench"));
+    command.current_dir(root()).args([
+        "--device",
+        "cpu",
+        "compare",
+        "--method",
+        "sft,uce,esd-x",
+        "--attacks",
+        "prompts",
+    ]);
+    command.arg("--out").arg(&out);
+    for set in [
+        format!("model={}", model.display()),
+        "pairs.judge=none".into(),
+        "pairs.count=2".into(),
+        "pairs.steps=2".into(),
+        "training.steps=2".into(),
+        "training.checkpoint_every=2".into(),
+        "esd.iterations=2".into(),
+        "esd.checkpoint_every=1".into(),
+        "esd.ddim_steps=4".into(),
+    ] {
+        command.arg("--set").arg(set);
+    }
+    for set in SETS.iter().filter(|s| !s.starts_with("attack.")) {
+        command.args(["--protocol-set", set]);
+    }
+    let output = command.output().unwrap();
+    assert!(output.status.success(), "{}", text(&output));
+    let read = || -> Value {
+        serde_json::from_str(&std::fs::read_to_string(out.join("compare.json")).unwrap()).unwrap()
+    };
+    let summary = read();
+    let labels: Vec<&str> =
+        summary["methods"].as_array().unwrap().iter().map(|m| m["label"].as_str().unwrap()).collect();
+    assert_eq!(labels, ["sft", "uce", "esd-x"]);
+    let outputs: Vec<&str> = summary["methods"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|m| m["output"]["kind"].as_str().unwrap())
+        .collect();
+    assert_eq!(outputs, ["lora", "lora", "model"], "ESD's fine-tuned weights are a model folder");
+    for row in summary["methods"].as_array().unwrap().iter().chain([&summary["base"]]) {
+        let dsr = row["dsr"]["prompts"].as_f64().unwrap_or_else(|| panic!("{row}"));
+        assert!((0.0..=1.0).contains(&dsr));
+    }
+    let md = std::fs::read_to_string(out.join("compare.md")).unwrap();
+    assert!(md.contains("| uce |") && md.contains("| esd-x |"), "{md}");
+    assert!(image::open(out.join("compare.png")).is_ok());
+    // a rerun reuses every method and every evaluated prompt
+    let again = command.output().unwrap();
+    assert!(again.status.success(), "{}", text(&again));
+    assert!(text(&again).matches("reused").count() >= 3, "{}", text(&again));
+    assert_eq!(without_times(read()), without_times(summary));
+}

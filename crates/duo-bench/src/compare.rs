@@ -6,7 +6,7 @@
 //! prompt.
 
 use std::fmt::Write as _;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::time::Instant;
 
 use burn::prelude::*;
@@ -23,8 +23,9 @@ use duo_train::train::config::DuoConfig;
 use serde_json::{Value, json};
 
 use crate::chart::{TradeoffPoint, tradeoff};
-use crate::eval::{Models, attack_names, run_protocol};
+use crate::eval::{Models, run_protocol};
 use crate::rows::{PRESERVATION, point, to_point};
+use crate::study::StudyArgs;
 
 /// A method of the comparison.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
@@ -73,43 +74,20 @@ enum Maker {
 
 #[derive(Args, Debug, Clone)]
 pub struct CompareArgs {
-    /// The run config every method shares: model, concept, DUO's pairs and training, and the
-    /// baselines' sections ([esd], [uce], [rece]).
-    #[arg(long, default_value = "configs/toy-cross.toml")]
-    pub config: PathBuf,
-    /// Override a config key (repeatable), e.g. --set esd.iterations=200.
-    #[arg(long = "set", value_name = "KEY=VALUE")]
-    pub set: Vec<String>,
-    /// The protocol every method is evaluated under.
-    #[arg(long, default_value = "configs/eval-toy-cross.toml")]
-    pub protocol: PathBuf,
-    /// Override a protocol key (repeatable), e.g. --protocol-set seeds=4.
-    #[arg(long = "protocol-set", value_name = "KEY=VALUE")]
-    pub protocol_set: Vec<String>,
+    #[command(flatten)]
+    pub study: StudyArgs,
     /// The methods, in table order (repeatable or comma-separated).
     #[arg(long = "method", value_delimiter = ',', default_value = "duo,sft,esd-x,esd-u,uce,rece")]
     pub methods: Vec<Compared>,
-    /// The attacks (default: the protocol's).
-    #[arg(long, value_delimiter = ',')]
-    pub attacks: Vec<String>,
-    /// Where each method's run and evaluation, compare.json, compare.md and compare.png go.
-    #[arg(long)]
-    pub out: PathBuf,
-    /// Without a terminal, print the training metrics every this many steps.
-    #[arg(long, default_value_t = 50)]
-    pub log_every: usize,
 }
 
 pub fn run(args: CompareArgs, device: DeviceChoice, float: FloatType) -> Result<()> {
     if args.methods.is_empty() {
         return Err(DuoError::Invalid("--method: name at least one method".into()));
     }
-    let protocol = Protocol::load(&args.protocol, &args.protocol_set)?;
-    let names = attack_names(&protocol, &args.attacks)?;
-    let mut sets = args.set.clone();
-    sets.push(format!("pairs.dir={}", args.out.join("pairs").display()));
-    let config = DuoConfig::load(&args.config, &sets)?;
-    std::fs::create_dir_all(&args.out).map_err(|e| DuoError::io(&args.out, e))?;
+    let (protocol, names) = args.study.protocol()?;
+    let config = args.study.config(&[])?;
+    std::fs::create_dir_all(&args.study.out).map_err(|e| DuoError::io(&args.study.out, e))?;
     dispatch(device, float, CompareTask { args, protocol, names, config })
 }
 
@@ -125,21 +103,22 @@ impl BackendTask for CompareTask {
 
     fn run<B: Backend>(self, device: B::Device, dtype: DType) -> Result<()> {
         let Self { args, protocol, names, config } = self;
+        let study = &args.study;
         let load =
             |path: &Path| StableDiffusion::<B>::load(&ModelFolder::open(path)?.with_dtype(dtype), &device);
         let sd = load(&config.model)?;
         let base_name = config.model.display().to_string();
         let pairs_seconds = match args.methods.iter().any(|m| matches!(m.maker(), Maker::Learner(_))) {
-            true => make_pairs(&sd, &config, &args.out)?,
+            true => make_pairs(&sd, &config, &study.out)?,
             false => 0.0,
         };
 
         let mut rows = Vec::new();
         let mut base: Option<Value> = None;
         for &method in &args.methods {
-            let dir = args.out.join(method.name());
+            let dir = study.out.join(method.name());
             println!("\n== {} ==", method.name());
-            let Some(record) = produce(&sd, &config, method, &dir, pairs_seconds, args.log_every)? else {
+            let Some(record) = produce(&sd, &config, method, &dir, pairs_seconds, study.log_every)? else {
                 println!("training stopped early; rerun the same command to continue");
                 return Ok(());
             };
@@ -169,11 +148,11 @@ impl BackendTask for CompareTask {
         }
         let base = base.unwrap_or(Value::Null);
         let summary = json!({
-            "config": args.config, "protocol": args.protocol, "protocol_hash": protocol.hash()?,
+            "config": study.config, "protocol": study.protocol, "protocol_hash": protocol.hash()?,
             "model": config.model, "concept": config.concept, "preservation_measure": PRESERVATION,
             "pairs_seconds": pairs_seconds, "base": base, "methods": rows,
         });
-        let out = &args.out;
+        let out = &study.out;
         duo_core::fsutil::write_json(&out.join("compare.json"), &summary)?;
         let points: Vec<TradeoffPoint> = std::iter::once(&base).chain(&rows).map(to_point).collect();
         let title = format!("Erasing `{}`: every method under one protocol", config.concept);
@@ -190,8 +169,8 @@ impl BackendTask for CompareTask {
              Each method's report, with every image and the 95% intervals: `<method>/eval/report.md`.\n",
             concept = config.concept,
             model = config.model.display(),
-            config = args.config.display(),
-            protocol = args.protocol.display(),
+            config = study.config.display(),
+            protocol = study.protocol.display(),
             hash = &protocol.hash()?[..12],
             pairs = pairs_seconds,
         );

@@ -16,6 +16,7 @@ mod merge;
 mod perf;
 mod quality;
 mod rows;
+mod study;
 mod sweep;
 
 use std::process::ExitCode;

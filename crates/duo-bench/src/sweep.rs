@@ -4,8 +4,6 @@
 //! against preservation, one point per β plus the base model), as the paper's trade-off figure.
 //! A rerun with the same `--out` continues: pairs, finished trainings and evaluated prompts are kept.
 
-use std::path::PathBuf;
-
 use burn::prelude::*;
 use burn::tensor::DType;
 use clap::Args;
@@ -18,54 +16,32 @@ use duo_train::train::config::DuoConfig;
 use serde_json::{Value, json};
 
 use crate::chart::{TradeoffPoint, tradeoff};
-use crate::eval::{Models, attack_names, run_protocol};
+use crate::eval::{Models, run_protocol};
 use crate::rows::{PRESERVATION, point, print_table, to_point};
+use crate::study::StudyArgs;
 
 #[derive(Args, Debug, Clone)]
 pub struct SweepArgs {
-    /// The DUO run config (model, concept, pairs, LoRA, training) every β shares.
-    #[arg(long, default_value = "configs/toy-cross.toml")]
-    pub config: PathBuf,
-    /// Override a config key (repeatable), e.g. --set training.steps=200.
-    #[arg(long = "set", value_name = "KEY=VALUE")]
-    pub set: Vec<String>,
-    /// The protocol every model is evaluated under.
-    #[arg(long, default_value = "configs/eval-toy-cross.toml")]
-    pub protocol: PathBuf,
-    /// Override a protocol key (repeatable), e.g. --protocol-set seeds=4.
-    #[arg(long = "protocol-set", value_name = "KEY=VALUE")]
-    pub protocol_set: Vec<String>,
+    #[command(flatten)]
+    pub study: StudyArgs,
     /// The β values, comma-separated.
     #[arg(long, value_delimiter = ',', default_value = "25,50,100,250,500")]
     pub betas: Vec<f64>,
-    /// The attacks (default: the protocol's).
-    #[arg(long, value_delimiter = ',')]
-    pub attacks: Vec<String>,
-    /// Where the pairs, each β's training and evaluation, sweep.json and tradeoff.png go.
-    #[arg(long)]
-    pub out: PathBuf,
-    /// Without a terminal, print the training metrics every this many steps.
-    #[arg(long, default_value_t = 50)]
-    pub log_every: usize,
 }
 
 pub fn run(args: SweepArgs, device: DeviceChoice, float: FloatType) -> Result<()> {
     if args.betas.is_empty() || args.betas.iter().any(|b| !(b.is_finite() && *b > 0.0)) {
         return Err(DuoError::Invalid(format!("--betas {:?}: give positive numbers", args.betas)));
     }
-    let protocol = Protocol::load(&args.protocol, &args.protocol_set)?;
-    let names = attack_names(&protocol, &args.attacks)?;
+    let (protocol, names) = args.study.protocol()?;
     // every β loads the same config with its own β: a bad config fails here, before any work
-    let configs = args.betas.iter().map(|&beta| load_config(&args, beta)).collect::<Result<Vec<_>>>()?;
-    std::fs::create_dir_all(&args.out).map_err(|e| DuoError::io(&args.out, e))?;
+    let configs = args
+        .betas
+        .iter()
+        .map(|&beta| args.study.config(&[format!("duo.beta={beta}")]))
+        .collect::<Result<Vec<_>>>()?;
+    std::fs::create_dir_all(&args.study.out).map_err(|e| DuoError::io(&args.study.out, e))?;
     dispatch(device, float, SweepTask { args, protocol, names, configs })
-}
-
-fn load_config(args: &SweepArgs, beta: f64) -> Result<DuoConfig> {
-    let mut sets = args.set.clone();
-    sets.push(format!("pairs.dir={}", args.out.join("pairs").display()));
-    sets.push(format!("duo.beta={beta}"));
-    DuoConfig::load(&args.config, &sets)
 }
 
 struct SweepTask {
@@ -80,6 +56,7 @@ impl BackendTask for SweepTask {
 
     fn run<B: Backend>(self, device: B::Device, dtype: DType) -> Result<()> {
         let Self { args, protocol, names, configs } = self;
+        let study = &args.study;
         let first = &configs[0];
         let sd = StableDiffusion::<B>::load(&ModelFolder::open(&first.model)?.with_dtype(dtype), &device)?;
         let model_name = first.model.display().to_string();
@@ -93,12 +70,12 @@ impl BackendTask for SweepTask {
         let mut base: Option<Value> = None;
         for config in &configs {
             let beta = config.duo.beta;
-            let dir = args.out.join(format!("beta-{beta}"));
+            let dir = study.out.join(format!("beta-{beta}"));
             println!("\n== β {beta}: lr {:.2e}, λ {:.3e} ==", config.lr(), config.lambda());
             let train_dir = dir.join("train");
             let saved = train_dir.join(RUN_CONFIG_FILE);
             let config = if saved.is_file() { DuoConfig::resumed(&saved, &[])? } else { config.clone() };
-            let Some(lora) = duo_train::train::train_lora(&sd, &config, &train_dir, args.log_every)? else {
+            let Some(lora) = duo_train::train::train_lora(&sd, &config, &train_dir, study.log_every)? else {
                 println!("training stopped early; rerun the same command to continue");
                 return Ok(());
             };
@@ -122,12 +99,12 @@ impl BackendTask for SweepTask {
         }
         let base = base.unwrap_or(Value::Null);
         let sweep = json!({
-            "config": args.config, "protocol": args.protocol, "protocol_hash": protocol.hash()?,
+            "config": study.config, "protocol": study.protocol, "protocol_hash": protocol.hash()?,
             "preservation_measure": PRESERVATION, "base": base, "betas": rows,
         });
-        duo_core::fsutil::write_json(&args.out.join("sweep.json"), &sweep)?;
+        duo_core::fsutil::write_json(&study.out.join("sweep.json"), &sweep)?;
         let points: Vec<TradeoffPoint> = std::iter::once(&base).chain(&rows).map(to_point).collect();
-        let chart = args.out.join("tradeoff.png");
+        let chart = study.out.join("tradeoff.png");
         tradeoff(
             &format!("DUO's trade-off: erasing `{}`", first.concept),
             PRESERVATION,
@@ -136,7 +113,7 @@ impl BackendTask for SweepTask {
             &chart,
         )?;
         print_table(&base, &rows);
-        println!("wrote {} and {}", args.out.join("sweep.json").display(), chart.display());
+        println!("wrote {} and {}", study.out.join("sweep.json").display(), chart.display());
         Ok(())
     }
 }
