@@ -178,37 +178,38 @@ fn eval_refuses_bad_protocols_and_missing_models() {
     assert!(text(&output).contains("no unlearned model"), "{}", text(&output));
 }
 
-#[test]
-fn sweep_trains_one_lora_per_beta_and_draws_the_tradeoff() {
-    let dir = tmp("sweep");
+/// `duo-bench <args>` on the tiny model at the judge's size (in `dir`), with short pairs and
+/// training, the test protocol's sets and `sets` on top; returns the command and its `--out`.
+fn study_command(dir: &Path, args: &[&str], sets: &[&str]) -> (Command, PathBuf) {
     let model = dir.join("sd1-tiny-32");
     common::sd1_tiny_at_judge_size(&model);
     let out = dir.join("out");
     let mut command = Command::new(env!("CARGO_BIN_EXE_duo-bench"));
-    command.current_dir(root()).args([
-        "--device",
-        "cpu",
-        "sweep",
-        "--betas",
-        "50,500",
-        "--attacks",
-        "prompts,embedding-inversion",
-    ]);
+    command.current_dir(root()).args(["--device", "cpu"]).args(args);
     command.arg("--out").arg(&out);
-    for set in [
-        format!("model={}", model.display()),
-        // the random-weight model draws no crosses: accept every pair image
-        "pairs.judge=none".into(),
-        "pairs.count=2".into(),
-        "pairs.steps=2".into(),
-        "training.steps=2".into(),
-        "training.checkpoint_every=2".into(),
-    ] {
+    let model = format!("model={}", model.display());
+    // the random-weight model draws no crosses: accept every pair image
+    let short = [
+        "pairs.judge=none",
+        "pairs.count=2",
+        "pairs.steps=2",
+        "training.steps=2",
+        "training.checkpoint_every=2",
+    ];
+    for set in [model.as_str()].iter().chain(&short).chain(sets) {
         command.arg("--set").arg(set);
     }
     for set in SETS.iter().filter(|s| !s.starts_with("attack.")) {
         command.args(["--protocol-set", set]);
     }
+    (command, out)
+}
+
+#[test]
+fn sweep_trains_one_lora_per_beta_and_draws_the_tradeoff() {
+    let dir = tmp("sweep");
+    let (mut command, out) =
+        study_command(&dir, &["sweep", "--betas", "50,500", "--attacks", "prompts,embedding-inversion"], &[]);
     for set in ["attack.embedding-inversion.images=1", "attack.embedding-inversion.steps=2"] {
         command.args(["--protocol-set", set]);
     }
@@ -368,36 +369,9 @@ fn shards_merge_into_the_unsharded_report() {
 #[test]
 fn compare_makes_and_evaluates_every_method_under_one_protocol() {
     let dir = tmp("compare");
-    let model = dir.join("sd1-tiny-32");
-    common::sd1_tiny_at_judge_size(&model);
-    let out = dir.join("out");
-    let mut command = Command::new(env!("CARGO_BIN_EXE_duo-bench"));
-    command.current_dir(root()).args([
-        "--device",
-        "cpu",
-        "compare",
-        "--method",
-        "sft,uce,esd-x",
-        "--attacks",
-        "prompts",
-    ]);
-    command.arg("--out").arg(&out);
-    for set in [
-        format!("model={}", model.display()),
-        "pairs.judge=none".into(),
-        "pairs.count=2".into(),
-        "pairs.steps=2".into(),
-        "training.steps=2".into(),
-        "training.checkpoint_every=2".into(),
-        "esd.iterations=2".into(),
-        "esd.checkpoint_every=1".into(),
-        "esd.ddim_steps=4".into(),
-    ] {
-        command.arg("--set").arg(set);
-    }
-    for set in SETS.iter().filter(|s| !s.starts_with("attack.")) {
-        command.args(["--protocol-set", set]);
-    }
+    let esd = ["esd.iterations=2", "esd.checkpoint_every=1", "esd.ddim_steps=4"];
+    let (mut command, out) =
+        study_command(&dir, &["compare", "--method", "sft,uce,esd-x", "--attacks", "prompts"], &esd);
     let output = command.output().unwrap();
     assert!(output.status.success(), "{}", text(&output));
     let read = || -> Value {

@@ -25,7 +25,7 @@ use serde::{Deserialize, Serialize};
 use serde_json::json;
 
 pub use edits::{Projections, rece, token_outputs, uce};
-pub use esd::{DdimSteps, EsdDraw, EsdSetup};
+pub use esd::{EsdDraw, EsdSetup};
 
 use crate::train::config::DuoConfig;
 
