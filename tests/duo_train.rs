@@ -289,6 +289,83 @@ fn unlearn_on_the_toy_model_erases_the_cross_and_keeps_the_plus() {
     }
 }
 
+/// `duo.adversarial_rounds` on the shipped toy model: after the first segment UnlearnDiffAtk
+/// attacks the barely trained LoRA from the unsafe prompt, the images in which the judge still
+/// sees the cross become pairs with safe twins, and the learner finishes on the first pairs and
+/// the mined ones together.
+#[test]
+fn adversarial_rounds_mine_pairs_the_learner_then_trains_on() {
+    let out = tmp("adversarial");
+    let unlearn = || {
+        let mut command = Command::new(env!("CARGO_BIN_EXE_duo-train"));
+        command
+            .current_dir(root())
+            .args(["--device", "cpu", "unlearn", "--log-every", "1000", "--out"])
+            .arg(&out);
+        for set in [
+            "pairs.count=2",
+            "pairs.unsafe_prompts=[\"a red cross\"]",
+            "pairs.safe_prompts=[\"a red plus sign\"]",
+            "training.steps=4",
+            "training.checkpoint_every=2",
+            "duo.adversarial_rounds=1",
+            "eval.attack.unlearndiffatk.prefix_tokens=2",
+            "eval.attack.unlearndiffatk.iterations=4",
+            "eval.attack.unlearndiffatk.judge_every=2",
+            "eval.seeds=1",
+            "eval.steps=2",
+        ] {
+            command.args(["--set", set]);
+        }
+        command.output().unwrap()
+    };
+    let output = unlearn();
+    assert_success(&output);
+    let read = |path: &str| -> serde_json::Value {
+        serde_json::from_str(&std::fs::read_to_string(out.join(path)).unwrap()).unwrap()
+    };
+    let round = read("train/round-1/round.json");
+    // one round, halfway, two seeds of the one unsafe prompt
+    assert_eq!(
+        (round["after_step"].as_u64(), round["attacked_images"].as_u64()),
+        (Some(2), Some(2)),
+        "{round}"
+    );
+    // two steps leave the toy model drawing crosses: the attack regenerates them
+    let new_pairs = round["new_pairs"].as_u64().unwrap() as usize;
+    assert!(new_pairs >= 1, "{round}\n{}", text(&output));
+    let mined = read("train/round-1/pairs/cross/manifest.json");
+    let trained = read("train/pairs/cross/manifest.json");
+    let records = trained["pairs"].as_array().unwrap();
+    assert_eq!(records.len(), 2 + new_pairs, "the first pairs, then the mined ones");
+    for (k, record) in records[2..].iter().enumerate() {
+        let original = &mined["pairs"][k];
+        assert_eq!(record["index"].as_u64(), Some(2 + k as u64));
+        assert_eq!(record["unsafe_seed"], original["unsafe_seed"]);
+        assert!(
+            record["unsafe_seed"].as_u64().unwrap() >= 2_000_000,
+            "mining seeds are apart from the evaluation's"
+        );
+        assert_eq!(record["safe_prompt"], "a red plus sign");
+        if let Some(tokens) = record["unsafe_tokens"].as_array() {
+            assert_eq!(tokens.len(), 77, "the attack's prefix and the prompt, at the encoder's length");
+        }
+        let mined_png = out.join(format!("train/round-1/pairs/cross/unsafe/{k:02}.png"));
+        let linked_png = out.join(format!("train/pairs/cross/unsafe/{:02}.png", 2 + k));
+        assert_eq!(std::fs::read(mined_png).unwrap(), std::fs::read(linked_png).unwrap());
+    }
+    // the learner's latent cache holds every pair it finished on
+    let cache =
+        duo_core::tensor_file::TensorFile::read(&out.join("train/learner/latents.safetensors")).unwrap();
+    assert_eq!(cache.get_f32("unsafe", 4).unwrap().shape[0], 2 + new_pairs);
+    assert_eq!(read("train/adversarial.json").as_array().unwrap().len(), 1);
+    assert!(out.join("train/round-1/lora.safetensors").is_file() && out.join("lora.safetensors").is_file());
+
+    // a rerun continues: the training is complete and the round is reused
+    let again = text(&unlearn());
+    assert!(again.contains("round 1: mined pairs") && again.contains("reused"), "{again}");
+}
+
 #[test]
 fn unlearn_names_a_missing_model() {
     let dir = tmp("no-model");

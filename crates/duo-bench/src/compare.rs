@@ -18,6 +18,7 @@ use duo_core::objective::Objective;
 use duo_core::pipelines::StableDiffusion;
 use duo_core::run_config::{RUN_CONFIG_FILE, RunConfig};
 use duo_core::{DuoError, ModelFolder, Result};
+use duo_train::adversarial::{self, train_with_mining};
 use duo_train::erase::{Erased, Method, Record, erase, refuse_other_config};
 use duo_train::train::config::DuoConfig;
 use serde_json::{Value, json};
@@ -32,6 +33,9 @@ use crate::study::StudyArgs;
 pub enum Compared {
     /// DUO with the config's settings.
     Duo,
+    /// DUO with adversarially mined pairs: `duo.adversarial_rounds` rounds (2 where the config
+    /// sets none) of UnlearnDiffAtk against the LoRA in training.
+    DuoAdv,
     /// The same LoRA, pairs and steps, fine-tuned on the safe twins alone (`duo.objective = "sft"`).
     Sft,
     EsdX,
@@ -44,6 +48,7 @@ impl Compared {
     fn name(self) -> &'static str {
         match self {
             Self::Duo => "duo",
+            Self::DuoAdv => "duo-adv",
             Self::Sft => "sft",
             Self::EsdX => "esd-x",
             Self::EsdU => "esd-u",
@@ -55,8 +60,9 @@ impl Compared {
     /// How the method's model is made.
     fn maker(self) -> Maker {
         match self {
-            Self::Duo => Maker::Learner(Objective::Duo),
-            Self::Sft => Maker::Learner(Objective::Sft),
+            Self::Duo => Maker::Learner(Objective::Duo, false),
+            Self::DuoAdv => Maker::Learner(Objective::Duo, true),
+            Self::Sft => Maker::Learner(Objective::Sft, false),
             Self::EsdX => Maker::Erase(Method::EsdX),
             Self::EsdU => Maker::Erase(Method::EsdU),
             Self::Uce => Maker::Erase(Method::Uce),
@@ -66,8 +72,8 @@ impl Compared {
 }
 
 enum Maker {
-    /// The DUO learner with this objective, on the shared pairs.
-    Learner(Objective),
+    /// The DUO learner with this objective on the shared pairs, with adversarial rounds or without.
+    Learner(Objective, bool),
     /// `duo-train erase`.
     Erase(Method),
 }
@@ -77,7 +83,7 @@ pub struct CompareArgs {
     #[command(flatten)]
     pub study: StudyArgs,
     /// The methods, in table order (repeatable or comma-separated).
-    #[arg(long = "method", value_delimiter = ',', default_value = "duo,sft,esd-x,esd-u,uce,rece")]
+    #[arg(long = "method", value_delimiter = ',', default_value = "duo,duo-adv,sft,esd-x,esd-u,uce,rece")]
     pub methods: Vec<Compared>,
 }
 
@@ -108,7 +114,7 @@ impl BackendTask for CompareTask {
             |path: &Path| StableDiffusion::<B>::load(&ModelFolder::open(path)?.with_dtype(dtype), &device);
         let sd = load(&config.model)?;
         let base_name = config.model.display().to_string();
-        let pairs_seconds = match args.methods.iter().any(|m| matches!(m.maker(), Maker::Learner(_))) {
+        let pairs_seconds = match args.methods.iter().any(|m| matches!(m.maker(), Maker::Learner(..))) {
             true => make_pairs(&sd, &config, &study.out)?,
             false => 0.0,
         };
@@ -210,6 +216,9 @@ fn make_pairs<B: Backend>(sd: &StableDiffusion<B>, config: &DuoConfig, out: &Pat
     Ok(seconds)
 }
 
+/// `duo-adv`'s rounds where the config sets none: one after each third of the training.
+const DEFAULT_ADVERSARIAL_ROUNDS: usize = 2;
+
 /// Makes `method`'s model in `dir` (or reads back the finished one); `None` when a training was
 /// stopped early.
 fn produce<B: Backend>(
@@ -220,21 +229,27 @@ fn produce<B: Backend>(
     pairs_seconds: f64,
     log_every: usize,
 ) -> Result<Option<Record>> {
-    let objective = match method.maker() {
+    let (objective, adversarial) = match method.maker() {
         Maker::Erase(erase_method) => {
             if erase(sd, config, erase_method, dir, log_every)?.is_none() {
                 return Ok(None);
             }
             return Record::read(dir);
         }
-        Maker::Learner(objective) => objective,
+        Maker::Learner(objective, adversarial) => (objective, adversarial),
     };
     let train_dir = dir.join("train");
     let saved = train_dir.join(RUN_CONFIG_FILE);
+    let adversarial_rounds = match (adversarial, config.duo.adversarial_rounds) {
+        (false, _) => 0,
+        (true, 0) => DEFAULT_ADVERSARIAL_ROUNDS,
+        (true, rounds) => rounds,
+    };
     let wanted = DuoConfig {
-        duo: duo_train::train::config::DuoSection { objective, ..config.duo.clone() },
+        duo: duo_train::train::config::DuoSection { objective, adversarial_rounds, ..config.duo.clone() },
         ..config.clone()
     };
+    wanted.validate().map_err(|message| DuoError::Invalid(format!("{}: {message}", method.name())))?;
     if let Some(record) = Record::read(dir)? {
         refuse_other_config(&saved, &wanted)?;
         println!("{}: finished run in {}, reused", method.name(), dir.display());
@@ -245,7 +260,7 @@ fn produce<B: Backend>(
         false => wanted,
     };
     let started = Instant::now();
-    let Some(lora) = duo_train::train::train_lora(sd, &config, &train_dir, log_every)? else {
+    let Some(lora) = train_with_mining(sd, &config, &train_dir, log_every)? else {
         return Ok(None);
     };
     let record = Record {
@@ -254,7 +269,10 @@ fn produce<B: Backend>(
         concept: config.concept.clone(),
         output: Erased::Lora(lora),
         seconds: started.elapsed().as_secs_f64() + pairs_seconds,
-        details: json!({ "duo": config.duo, "lora": config.lora, "training": config.training, "pairs_seconds": pairs_seconds }),
+        details: json!({
+            "duo": config.duo, "lora": config.lora, "training": config.training, "pairs_seconds": pairs_seconds,
+            "adversarial_rounds": adversarial::rounds(&train_dir)?,
+        }),
     };
     record.write(dir)?;
     Ok(Some(record))

@@ -16,8 +16,8 @@ use duo_core::pipelines::StableDiffusion;
 use duo_core::run_config::RunConfig;
 use duo_core::{DuoError, ModelFolder, Result};
 
-use crate::attacks;
 use crate::chart::{DsrBar, dsr_bars};
+use duo_core::attacks;
 
 #[derive(Args, Debug, Clone)]
 pub struct EvalArgs {

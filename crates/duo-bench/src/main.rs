@@ -2,7 +2,6 @@
 //! The red-team bench (`eval`), the parity entry points that outside scripts call, the performance
 //! harness, the quality gates of a toy-world model, and retraining its concept judge.
 
-mod attacks;
 mod chart;
 mod cli;
 mod compare;

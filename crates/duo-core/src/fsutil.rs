@@ -24,6 +24,18 @@ pub fn write_json(path: &Path, value: &impl serde::Serialize) -> Result<()> {
     write_atomic(path, format!("{text}\n").as_bytes())
 }
 
+/// `dest` as a hard link to `source` (no copy of the bytes), or a copy where the file system cannot
+/// link them (another device); its folder is created.
+pub fn link_or_copy(source: &Path, dest: &Path) -> Result<()> {
+    if let Some(dir) = dest.parent().filter(|d| !d.as_os_str().is_empty()) {
+        std::fs::create_dir_all(dir).map_err(|e| DuoError::io(dir, e))?;
+    }
+    if std::fs::hard_link(source, dest).is_err() {
+        std::fs::copy(source, dest).map_err(|e| DuoError::io(dest, e))?;
+    }
+    Ok(())
+}
+
 /// The images of `path`: the file itself, or a folder's PNG and JPEG files by name.
 pub fn image_files(path: &Path) -> Result<Vec<PathBuf>> {
     if path.is_file() {

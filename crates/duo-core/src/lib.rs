@@ -1,6 +1,7 @@
 //! duo-core: Stable Diffusion components on Burn (networks, tokenizer, schedulers, pipelines),
 //! LoRA and the DUO objective, and the procedural toy world the embedded model is trained on.
 
+pub mod attacks;
 pub mod device;
 pub mod error;
 pub mod eval;

@@ -5,6 +5,7 @@
 // serde_json's `json!` recurses once per key: diffusers' UNet config has 50.
 #![recursion_limit = "256"]
 
+pub mod adversarial;
 pub mod erase;
 pub mod export;
 mod learning;

@@ -86,8 +86,14 @@ pub struct PairsArgs {
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 pub struct PairRecord {
     pub index: usize,
+    /// The prompt the unsafe image was generated from, as the reports show it.
     pub unsafe_prompt: String,
     pub safe_prompt: String,
+    /// The text encoder's token ids the unsafe image was generated from, where they are not the
+    /// unsafe prompt's own: an adversarial prefix that UnlearnDiffAtk found (`duo.adversarial_rounds`).
+    /// DUO conditions the pair on them with `duo.pair_prompts`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub unsafe_tokens: Option<Vec<u32>>,
     pub unsafe_seed: u64,
     pub safe_seed: u64,
     /// The judge's concept probability for the accepted images (None without a judge).
@@ -262,43 +268,77 @@ fn make_pair<B: Backend>(
     let Some((unsafe_image, unsafe_seed, unsafe_score, unsafe_rejects)) = accepted else {
         return Ok(Err(format!("no unsafe image for {unsafe_prompt:?} in {} tries", p.max_tries)));
     };
-    // 2. the safe twin: SDEdit from the unsafe image, the unsafe prompt as negative prompt
-    let safe_generation = Generation {
+    // 2. the safe twin
+    let Some(twin) =
+        safe_twin(sd, scheduler, judge, p, (unsafe_prompt, safe_prompt), unsafe_image.clone(), |attempt| {
+            seed_of(2, attempt)
+        })?
+    else {
+        return Ok(Err(format!("no safe twin for {safe_prompt:?} in {} tries", p.max_tries)));
+    };
+    save_image_grid(&unsafe_image, 1, unsafe_png)?;
+    save_image_grid(&twin.image, 1, safe_png)?;
+    Ok(Ok(PairRecord {
+        index,
+        unsafe_prompt: unsafe_prompt.to_string(),
+        safe_prompt: safe_prompt.to_string(),
+        unsafe_tokens: None,
+        unsafe_seed,
+        safe_seed: twin.seed,
+        unsafe_score,
+        safe_score: twin.score,
+        unsafe_rejects,
+        safe_rejects: twin.rejects,
+    }))
+}
+
+/// An accepted safe twin.
+pub struct SafeTwin<B: Backend> {
+    /// [1, 3, H, W] in [0, 1].
+    pub image: Tensor<B, 4>,
+    pub seed: u64,
+    pub score: Option<f32>,
+    /// Candidates the judge rejected before it.
+    pub rejects: usize,
+}
+
+/// The safe twin of `unsafe_image` ([1, 3, H, W] in [0, 1]): SDEdit from it with the safe prompt
+/// and the unsafe prompt as negative prompt at `p.strength`, regenerated with the seed of each
+/// attempt until the judge no longer sees the concept (without a judge, at once); `None` after
+/// `p.max_tries`.
+pub fn safe_twin<B: Backend>(
+    sd: &StableDiffusion<B>,
+    scheduler: &Scheduler,
+    judge: Option<&dyn Judge<B>>,
+    p: &PairsSection,
+    (unsafe_prompt, safe_prompt): (&str, &str),
+    unsafe_image: Tensor<B, 4>,
+    seed_of: impl Fn(usize) -> u64,
+) -> Result<Option<SafeTwin<B>>> {
+    let generation = Generation {
         prompts: vec![safe_prompt.to_string()],
         negative_prompts: vec![unsafe_prompt.to_string()],
         guidance_scale: p.guidance,
     };
-    let init = unsafe_image.clone() * 2.0 - 1.0;
+    let init = unsafe_image * 2.0 - 1.0;
     for attempt in 0..p.max_tries {
-        let seed = seed_of(2, attempt);
+        let seed = seed_of(attempt);
         let mut noise = NoiseSource::new(seed);
         let image =
-            sd.img2img(&safe_generation, scheduler, init.clone(), p.strength, None, &mut noise, |_, _| {})?;
+            sd.img2img(&generation, scheduler, init.clone(), p.strength, None, &mut noise, |_, _| {})?;
         let judgements = match judge {
             Some(judge) => judge.judge(image.clone())?,
             None => Vec::new(),
         };
-        let score = judgements.first().map(|j| j.score);
         if judgements.first().is_none_or(|j| !j.present) {
-            save_image_grid(&unsafe_image, 1, unsafe_png)?;
-            save_image_grid(&image, 1, safe_png)?;
-            return Ok(Ok(PairRecord {
-                index,
-                unsafe_prompt: unsafe_prompt.to_string(),
-                safe_prompt: safe_prompt.to_string(),
-                unsafe_seed,
-                safe_seed: seed,
-                unsafe_score,
-                safe_score: score,
-                unsafe_rejects,
-                safe_rejects: attempt,
-            }));
+            let score = judgements.first().map(|j| j.score);
+            return Ok(Some(SafeTwin { image, seed, score, rejects: attempt }));
         }
     }
-    Ok(Err(format!("no safe twin for {safe_prompt:?} in {} tries", p.max_tries)))
+    Ok(None)
 }
 
-fn pair_paths(dir: &Path, index: usize) -> (PathBuf, PathBuf) {
+pub fn pair_paths(dir: &Path, index: usize) -> (PathBuf, PathBuf) {
     (dir.join("unsafe").join(format!("{index:02}.png")), dir.join("safe").join(format!("{index:02}.png")))
 }
 

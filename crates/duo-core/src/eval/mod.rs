@@ -5,7 +5,7 @@
 //! way.
 //!
 //! On top of them, the red-team bench: a [`Protocol`] file, the [`Attack`] interface (prompt sets
-//! here; the search attacks live in `duo-bench`), the resumable loop over an attack's prompts
+//! here; the search attacks in [`crate::attacks`]), the resumable loop over an attack's prompts
 //! ([`Bench::run`]) and the report ([`write_report`]), which `duo-bench eval`, `duo-bench sweep` and
 //! `duo-train unlearn` share.
 

@@ -59,21 +59,35 @@ pub fn encode_prompts<B: Backend>(
     prompts: &[String],
     device: &B::Device,
 ) -> Tensor<B, 3> {
+    let ids: Vec<Vec<u32>> = prompts.iter().map(|p| prompt_ids(tokenizer, p)).collect();
+    encode_ids(text_encoder, &ids, device)
+}
+
+/// `prompt`'s token ids at the tokenizer's max length (start, content, end, padding).
+pub fn prompt_ids(tokenizer: &ClipTokenizer, prompt: &str) -> Vec<u32> {
     let len = tokenizer.model_max_length();
-    for prompt in prompts {
-        // as diffusers warns: the text encoder sees only the first tokens
-        let tokens = tokenizer.encode(prompt).len();
-        if tokens > len {
-            let start: String = prompt.chars().take(40).collect();
-            eprintln!(
-                "warning: the prompt \"{start}…\" is {tokens} tokens long with its start and end tokens; the \
-                 text encoder reads {len}, so the last {} are dropped",
-                tokens - len
-            );
-        }
+    // as diffusers warns: the text encoder sees only the first tokens
+    let tokens = tokenizer.encode(prompt).len();
+    if tokens > len {
+        let start: String = prompt.chars().take(40).collect();
+        eprintln!(
+            "warning: the prompt \"{start}…\" is {tokens} tokens long with its start and end tokens; the \
+             text encoder reads {len}, so the last {} are dropped",
+            tokens - len
+        );
     }
-    let ids: Vec<i64> = prompts.iter().flat_map(|p| tokenizer.encode_padded(p, len)).map(i64::from).collect();
-    let ids = Tensor::<B, 2, Int>::from_data(TensorData::new(ids, [prompts.len(), len]), device);
+    tokenizer.encode_padded(prompt, len)
+}
+
+/// CLIP last hidden states of token id sequences of one length (the tokenizer's max length): [b, len, d].
+pub fn encode_ids<B: Backend>(
+    text_encoder: &ClipTextModel<B>,
+    ids: &[Vec<u32>],
+    device: &B::Device,
+) -> Tensor<B, 3> {
+    let len = ids.first().map_or(0, Vec::len);
+    let flat: Vec<i64> = ids.iter().flatten().map(|&id| i64::from(id)).collect();
+    let ids = Tensor::<B, 2, Int>::from_data(TensorData::new(flat, [ids.len(), len]), device);
     text_encoder.forward(ids).last_hidden_state
 }
 
@@ -138,6 +152,11 @@ impl<B: Backend> StableDiffusion<B> {
     /// CLIP last hidden states of `prompts`, padded to the tokenizer's max length: [b, 77, d].
     pub fn encode_prompts(&self, prompts: &[String]) -> Tensor<B, 3> {
         encode_prompts(&self.tokenizer, &self.text_encoder, prompts, &self.device)
+    }
+
+    /// [`encode_ids`] with this pipeline's text encoder.
+    pub fn encode_ids(&self, ids: &[Vec<u32>]) -> Tensor<B, 3> {
+        encode_ids(&self.text_encoder, ids, &self.device)
     }
 
     /// The conditioning for a loop: `[negative; positive]` embeddings when guidance applies (scale > 1),

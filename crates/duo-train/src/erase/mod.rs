@@ -284,10 +284,7 @@ fn link_tree(from: &Path, to: &Path, skip: &dyn Fn(&Path) -> bool) -> Result<()>
             if source.is_dir() {
                 walk(root, &relative, to, skip)?;
             } else if !skip(&relative) {
-                let dest = to.join(&relative);
-                if std::fs::hard_link(&source, &dest).is_err() {
-                    std::fs::copy(&source, &dest).map_err(|e| DuoError::io(&dest, e))?;
-                }
+                duo_core::fsutil::link_or_copy(&source, &to.join(&relative))?;
             }
         }
         Ok(())

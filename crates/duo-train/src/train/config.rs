@@ -121,6 +121,23 @@ pub struct DuoSection {
     /// folder's `manifest.json`) instead of `prompt`; the prior branch keeps `prompt`. Off in the
     /// published runs.
     pub pair_prompts: bool,
+    /// Rounds of adversarially mined pairs (0: none). In each, UnlearnDiffAtk (`eval.attack.unlearndiffatk`)
+    /// attacks the LoRA trained so far from every unsafe prompt; each image in which it still
+    /// regenerates the concept becomes a new pair with its SDEdit safe twin, conditioned on the
+    /// prompt the attack found, and training continues on all pairs.
+    #[serde(default)]
+    pub adversarial_rounds: usize,
+    /// Training steps between rounds (a multiple of `training.checkpoint_every`); 0 spreads the
+    /// rounds evenly over `training.steps`.
+    #[serde(default)]
+    pub adversarial_every: usize,
+    /// Seeds per unsafe prompt that each round attacks with.
+    #[serde(default = "default_adversarial_seeds")]
+    pub adversarial_seeds: usize,
+}
+
+fn default_adversarial_seeds() -> usize {
+    2
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -206,6 +223,18 @@ impl DuoConfig {
         }
     }
 
+    /// The training steps after which a round of adversarial pairs is mined, in order.
+    pub fn adversarial_steps(&self) -> Vec<usize> {
+        let (d, t) = (&self.duo, &self.training);
+        let every = t.checkpoint_every;
+        (1..=d.adversarial_rounds)
+            .map(|round| match d.adversarial_every {
+                0 => (round * t.steps / (d.adversarial_rounds + 1) + every / 2) / every * every,
+                k => round * k,
+            })
+            .collect()
+    }
+
     fn check(&self) -> std::result::Result<(), String> {
         let (d, t, p) = (&self.duo, &self.training, &self.pairs);
         p.judge_settings().validate().map_err(|message| format!("pairs.{message}"))?;
@@ -259,9 +288,45 @@ impl DuoConfig {
             return Err(format!("pairs.strength = {}: must be in (0, 1]", p.strength));
         }
         self.lora.targets.parse::<LoraTargets>().map_err(|e| format!("lora.targets: {e}"))?;
+        self.check_adversarial()?;
         self.uce.check()?;
         self.rece.check()?;
         self.esd.check()
+    }
+
+    fn check_adversarial(&self) -> std::result::Result<(), String> {
+        let (d, t) = (&self.duo, &self.training);
+        if d.adversarial_rounds == 0 {
+            return Ok(());
+        }
+        if self.eval.attack.unlearndiffatk.is_none() {
+            return Err(format!(
+                "duo.adversarial_rounds = {} mines with UnlearnDiffAtk, whose settings this config lacks: \
+                 add an [eval.attack.unlearndiffatk] table (configs/toy-cross.toml has one)",
+                d.adversarial_rounds
+            ));
+        }
+        if self.pairs.judge == JudgeChoice::None {
+            return Err(
+                "duo.adversarial_rounds needs pairs.judge: the mined images are those it sees the concept in"
+                    .into(),
+            );
+        }
+        if d.adversarial_seeds == 0 {
+            return Err("duo.adversarial_seeds must be at least 1".into());
+        }
+        let steps = self.adversarial_steps();
+        let ordered = steps.windows(2).all(|w| w[0] < w[1]);
+        let fits = steps.iter().all(|&s| s > 0 && s < t.steps && s.is_multiple_of(t.checkpoint_every));
+        if !ordered || !fits {
+            return Err(format!(
+                "duo.adversarial_rounds = {} with duo.adversarial_every = {} mines after steps {steps:?}: each must \
+                 lie strictly between 0 and training.steps = {}, on a multiple of training.checkpoint_every = {}, \
+                 one round per checkpoint at most",
+                d.adversarial_rounds, d.adversarial_every, t.steps, t.checkpoint_every
+            ));
+        }
+        Ok(())
     }
 }
 

@@ -9,9 +9,10 @@ use burn::prelude::*;
 use burn::tensor::FloatDType;
 use duo_core::models::AutoencoderKL;
 use duo_core::objective::{DuoBatch, Objective};
-use duo_core::pipelines::{NoiseSource, load_image};
+use duo_core::pipelines::{NoiseSource, load_image, prompt_ids};
 use duo_core::schedulers::NoiseSchedule;
 use duo_core::tensor_file::{TensorFile, write_tensor_file_with_metadata};
+use duo_core::tokenizer::ClipTokenizer;
 use duo_core::world::rng_for;
 use duo_core::{DuoError, Result};
 use rand::Rng;
@@ -19,7 +20,7 @@ use rand::seq::SliceRandom;
 use rand_distr::{Distribution, StandardNormal};
 use std::path::{Path, PathBuf};
 
-use crate::pairs::Manifest;
+use crate::pairs::{Manifest, PairRecord};
 
 /// The image files of a pair folder: pair i = (`unsafe/`'s i-th file, `safe/`'s i-th file) in name order.
 #[derive(Debug, Clone)]
@@ -87,9 +88,10 @@ impl PairFiles {
         Ok(Self { unsafe_images, safe_images })
     }
 
-    /// The unsafe prompt each pair was made from, in pair order, from `<dir>/manifest.json`
-    /// (`duo-train pairs` writes it; an image `NN.png` is the manifest's pair `NN`).
-    pub fn unsafe_prompts(&self, dir: &Path) -> Result<Vec<String>> {
+    /// The token ids each pair's unsafe image was generated from, in pair order, from
+    /// `<dir>/manifest.json` (`duo-train pairs` writes it; an image `NN.png` is the manifest's pair
+    /// `NN`): its recorded tokens (an adversarial prefix), or its unsafe prompt's.
+    pub fn unsafe_tokens(&self, dir: &Path, tokenizer: &ClipTokenizer) -> Result<Vec<Vec<u32>>> {
         let path = dir.join("manifest.json");
         if !path.is_file() {
             return Err(DuoError::Invalid(format!(
@@ -104,7 +106,10 @@ impl PairFiles {
             .map(|image| {
                 let index = image.file_stem().and_then(|s| s.to_str()).and_then(|s| s.parse::<usize>().ok());
                 let record = index.and_then(|i| manifest.pairs.iter().find(|p| p.index == i));
-                record.map(|r| r.unsafe_prompt.clone()).ok_or_else(|| {
+                let tokens = |r: &PairRecord| {
+                    r.unsafe_tokens.clone().unwrap_or_else(|| prompt_ids(tokenizer, &r.unsafe_prompt))
+                };
+                record.map(tokens).ok_or_else(|| {
                     DuoError::parse(
                         &path,
                         format!("no pair record for {} (its index is the file name)", image.display()),
@@ -374,5 +379,40 @@ mod tests {
         }
         let shared = context_rows(&source(false).batch::<B>(0, &device));
         assert_eq!(shared, [1.0, 1.0, 1.0, 1.0, -1.0, -1.0]);
+    }
+
+    /// A pair made from an attack's tokens is conditioned on them; the others on their prompt's.
+    #[test]
+    fn recorded_tokens_condition_their_pair_and_prompts_the_rest() {
+        let dir = std::env::temp_dir().join(format!("duo-pair-tokens-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        let tokenizer = ClipTokenizer::from_folder(
+            &Path::new(env!("CARGO_MANIFEST_DIR")).join("../../models/toy/tokenizer"),
+        )
+        .unwrap();
+        let adversarial: Vec<u32> = (0..tokenizer.model_max_length() as u32).collect();
+        let mut manifest = Manifest::default();
+        for (index, tokens) in [(0, None), (7, Some(adversarial.clone()))] {
+            for side in ["unsafe", "safe"] {
+                let path = dir.join(side).join(format!("{index:02}.png"));
+                std::fs::create_dir_all(path.parent().unwrap()).unwrap();
+                image::RgbImage::new(8, 8).save(&path).unwrap();
+            }
+            manifest.pairs.push(PairRecord {
+                index,
+                unsafe_prompt: "a red cross".into(),
+                safe_prompt: "a red plus sign".into(),
+                unsafe_tokens: tokens,
+                unsafe_seed: 0,
+                safe_seed: 0,
+                unsafe_score: None,
+                safe_score: None,
+                unsafe_rejects: 0,
+                safe_rejects: 0,
+            });
+        }
+        duo_core::fsutil::write_json(&dir.join("manifest.json"), &manifest).unwrap();
+        let tokens = PairFiles::list(&dir).unwrap().unsafe_tokens(&dir, &tokenizer).unwrap();
+        assert_eq!(tokens, [prompt_ids(&tokenizer, "a red cross"), adversarial]);
     }
 }

@@ -22,7 +22,7 @@ use duo_core::device::{BackendTask, DeviceChoice, FloatType, dispatch};
 use duo_core::lora::{LoraFormat, LoraNetworks, attach_lora, lora_parameter_count, save_lora};
 use duo_core::models::cast_floats;
 use duo_core::objective::DuoStep;
-use duo_core::pipelines::StableDiffusion;
+use duo_core::pipelines::{StableDiffusion, prompt_ids};
 use duo_core::run_config::{RUN_CONFIG_FILE, RunConfig};
 use duo_core::schedulers::NoiseSchedule;
 use duo_core::{DuoError, ModelFolder, Result};
@@ -86,7 +86,7 @@ impl BackendTask for TrainTask {
     fn run<B: Backend>(self, device: B::Device, dtype: DType) -> Result<Option<PathBuf>> {
         let folder = ModelFolder::open(&self.config.model)?.with_dtype(dtype);
         let sd = StableDiffusion::<B>::load(&folder, &device)?;
-        train_lora(&sd, &self.config, &self.dir, self.log_every)
+        crate::adversarial::train_with_mining(&sd, &self.config, &self.dir, self.log_every)
     }
 }
 
@@ -137,12 +137,13 @@ fn learn<A: AutodiffBackend>(
 
     // What the UNet does not need is computed once, on the inner backend.
     let conditioning = {
-        let pair_prompts = match d.pair_prompts {
-            true => files.unsafe_prompts(&config.pair_dir())?,
-            false => vec![d.prompt.clone()],
+        let prompt = prompt_ids(&sd.tokenizer, &d.prompt);
+        let pair_tokens = match d.pair_prompts {
+            true => files.unsafe_tokens(&config.pair_dir(), &sd.tokenizer)?,
+            false => vec![prompt.clone()],
         };
-        let embed = |prompts: &[String]| sd.encode_prompts(prompts).cast(FloatDType::F32).into_data();
-        Conditioning { pairs: embed(&pair_prompts), prior: embed(std::slice::from_ref(&d.prompt)) }
+        let embed = |ids: &[Vec<u32>]| sd.encode_ids(ids).cast(FloatDType::F32).into_data();
+        Conditioning { pairs: embed(&pair_tokens), prior: embed(&[prompt]) }
     };
     let latents = {
         let vae = cast_floats(sd.vae.clone(), FloatDType::F32);

@@ -24,8 +24,8 @@ use duo_core::run_config::{RUN_CONFIG_FILE, RunConfig};
 use duo_core::{DuoError, ModelFolder, Result};
 use serde_json::{Value, json};
 
+use crate::adversarial;
 use crate::pairs;
-use crate::train;
 use crate::train::config::{DuoConfig, JudgeChoice};
 
 #[derive(Args, Debug)]
@@ -119,7 +119,7 @@ impl BackendTask for UnlearnJob {
         let train_dir = out.join("train");
         let saved = train_dir.join(RUN_CONFIG_FILE);
         let train_config = if saved.is_file() { DuoConfig::resumed(&saved, &[])? } else { config.clone() };
-        let Some(lora) = train::train_lora(&sd, &train_config, &train_dir, log_every)? else {
+        let Some(lora) = adversarial::train_with_mining(&sd, &train_config, &train_dir, log_every)? else {
             println!("training stopped early; rerun the same command to continue");
             return Ok(());
         };

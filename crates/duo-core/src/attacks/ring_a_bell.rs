@@ -7,11 +7,11 @@
 
 use std::sync::Mutex;
 
+use crate::eval::{Attack, Bench, Condition, Found, RingABell, Unit};
+use crate::pipelines::StableDiffusion;
+use crate::{DuoError, Result};
 use burn::prelude::*;
 use burn::tensor::FloatDType;
-use duo_core::eval::{Attack, Bench, Condition, Found, RingABell, Unit};
-use duo_core::pipelines::StableDiffusion;
-use duo_core::{DuoError, Result};
 use rand::seq::IndexedRandom;
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
@@ -174,8 +174,8 @@ impl<B: Backend> Attack<B> for RingABellAttack {
 
 #[cfg(test)]
 mod tests {
+    use crate::ModelFolder;
     use burn::backend::Flex;
-    use duo_core::ModelFolder;
 
     use super::*;
 

@@ -8,11 +8,11 @@
 //! generates from it; an image the judge finds the concept in counts as the attack's success for its
 //! seed, as does the prompt alone regenerating it.
 
+use crate::eval::{Attack, Bench, Condition, Found, Unit, UnlearnDiffAtk};
+use crate::pipelines::StableDiffusion;
+use crate::{DuoError, Result};
 use burn::prelude::*;
 use burn::tensor::FloatDType;
-use duo_core::eval::{Attack, Bench, Condition, Found, Unit, UnlearnDiffAtk};
-use duo_core::pipelines::StableDiffusion;
-use duo_core::{DuoError, Result};
 use rand::Rng;
 use rand_chacha::ChaCha8Rng;
 use serde_json::json;
@@ -65,7 +65,7 @@ pub fn prefixed_ids<B: Backend>(sd: &StableDiffusion<B>, prefix: &[u32], prompt:
 /// The text embeddings [1, len, d] of `ids` with the token embeddings of positions 1..=k replaced by
 /// `relaxed` [k, V] × the embedding table: what the gradient flows through.
 pub fn relaxed_context<A: Backend>(
-    text_encoder: &duo_core::models::ClipTextModel<A>,
+    text_encoder: &crate::models::ClipTextModel<A>,
     ids: &[u32],
     relaxed: Tensor<A, 2>,
 ) -> Tensor<A, 3> {
@@ -241,19 +241,17 @@ impl UnlearnDiffAtkAttack {
         prompt: &str,
     ) -> Condition<B> {
         let ids = prefixed_ids(sd, prefix, prompt);
-        let len = ids.len();
-        let ids = ids_tensor::<B>(&ids, &sd.device);
-        let context = sd.text_encoder.forward(ids).last_hidden_state.cast(FloatDType::F32);
-        let d = context.dims()[2];
+        let context = sd.encode_ids(&[ids]).cast(FloatDType::F32);
+        let [_, len, d] = context.dims();
         Condition::Embedding(context.reshape([len, d]))
     }
 }
 
 #[cfg(test)]
 mod tests {
+    use crate::ModelFolder;
+    use crate::pipelines::NoiseSource;
     use burn::backend::Flex;
-    use duo_core::ModelFolder;
-    use duo_core::pipelines::NoiseSource;
 
     use super::*;
 

@@ -7,11 +7,11 @@
 
 use std::sync::Mutex;
 
+use crate::eval::{Attack, Bench, ConceptInversion, EmbeddingInversion, Found, Unit};
+use crate::pipelines::StableDiffusion;
+use crate::{DuoError, Result};
 use burn::prelude::*;
 use burn::tensor::FloatDType;
-use duo_core::eval::{Attack, Bench, ConceptInversion, EmbeddingInversion, Found, Unit};
-use duo_core::pipelines::StableDiffusion;
-use duo_core::{DuoError, Result};
 use serde_json::json;
 
 use super::{
@@ -65,7 +65,7 @@ impl<B: Backend> Attack<B> for EmbeddingInversionAttack {
         };
         let found = search.run(start.reshape([len, d]), context, |_, p| Ok((p, false)))?;
         Ok(Found {
-            condition: duo_core::eval::Condition::Embedding(found.param.clone()),
+            condition: crate::eval::Condition::Embedding(found.param.clone()),
             shown: format!("[embedding inverted from \"{}\"]", unit.prompt),
             tensors: vec![("embedding".into(), found.param)],
             seen_during_search: Vec::new(),
@@ -191,7 +191,7 @@ impl ConceptInversionAttack {
 /// The text encoder's last hidden state [1, len, d] of `ids` with the token embedding at `slots`
 /// replaced by `token` [1, d].
 fn token_context<A: Backend>(
-    text_encoder: &duo_core::models::ClipTextModel<A>,
+    text_encoder: &crate::models::ClipTextModel<A>,
     ids: &[u32],
     slots: &[usize],
     token: Tensor<A, 2>,
@@ -241,7 +241,7 @@ impl<B: Backend> Attack<B> for ConceptInversionAttack {
         let [_, len, d] = context.dims();
         let placeholder = format!("<{}*>", self.settings.word);
         Ok(Found {
-            condition: duo_core::eval::Condition::Embedding(context.reshape([len, d])),
+            condition: crate::eval::Condition::Embedding(context.reshape([len, d])),
             shown: replace_word(prompt, &self.settings.word, &placeholder),
             tensors: vec![("token".into(), token)],
             seen_during_search: Vec::new(),

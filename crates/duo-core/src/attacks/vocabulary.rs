@@ -1,7 +1,7 @@
 //! The tokens a discrete prompt search may use.
 
-use duo_core::tokenizer::ClipTokenizer;
-use duo_core::{DuoError, Result};
+use crate::tokenizer::ClipTokenizer;
+use crate::{DuoError, Result};
 
 /// Every token of the vocabulary but the special ones and those that spell a banned word (with or
 /// without the end-of-word mark), so a search cannot simply ask for the concept by name.

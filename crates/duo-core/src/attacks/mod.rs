@@ -8,22 +8,20 @@ mod ring_a_bell;
 mod unlearndiffatk;
 mod vocabulary;
 
+use crate::eval::{Attack, AttackName, Bench, Condition, Protocol, Unit, protocol_seeds, read_prompt_file};
+use crate::models::{ClipTextModel, UNet2DConditionModel};
+use crate::pipelines::{NoiseSource, StableDiffusion};
+use crate::schedulers::NoiseSchedule;
+use crate::{DuoError, Result};
 use burn::backend::Autodiff;
 use burn::prelude::*;
 use burn::tensor::FloatDType;
-use duo_core::eval::{
-    Attack, AttackName, Bench, Condition, Protocol, Unit, protocol_seeds, read_prompt_file,
-};
-use duo_core::models::{ClipTextModel, UNet2DConditionModel};
-use duo_core::pipelines::{NoiseSource, StableDiffusion};
-use duo_core::schedulers::NoiseSchedule;
-use duo_core::{DuoError, Result};
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 
 pub use inversion::{ConceptInversionAttack, EmbeddingInversionAttack};
 pub use ring_a_bell::RingABellAttack;
-pub use unlearndiffatk::UnlearnDiffAtkAttack;
+pub use unlearndiffatk::{UnlearnDiffAtkAttack, prefixed_ids};
 
 /// The differentiable backend of the white-box attacks.
 pub type Grad<B> = Autodiff<B>;
