@@ -23,7 +23,7 @@ use burn::tensor::activation::log_sigmoid;
 use burn::tensor::backend::AutodiffBackend;
 use burn::tensor::{ElementConversion, FloatDType};
 
-use crate::lora::disable_lora;
+use crate::lora::set_lora_enabled;
 use crate::models::UNet2DConditionModel;
 
 /// Which loss: DUO's, Diffusion-DPO's for ablations (which also shares t between winner and
@@ -143,12 +143,19 @@ pub fn duo_unet_loss<B: Backend>(
     if objective == Objective::Sft {
         return sft_loss(policy, batch);
     }
-    let forward = || policy.forward(batch.input.clone(), batch.timesteps.clone(), batch.context.clone());
-    let reference = {
-        let _off = disable_lora(policy);
-        forward().detach()
+    let forward = |unet: &UNet2DConditionModel<B>| {
+        unet.forward(batch.input.clone(), batch.timesteps.clone(), batch.context.clone())
     };
-    let policy = forward();
+    // The reference pass (a copy with its own adapters off) on a thread of its own beside the
+    // policy's: neither depends on the other, and on a CPU the toy UNet's kernels are too small to
+    // keep both cores busy. The same kernels run on the same inputs, so the values are the same.
+    let reference_unet = policy.clone();
+    set_lora_enabled(&reference_unet, false);
+    let (reference, policy) = std::thread::scope(|scope| {
+        let reference = scope.spawn(|| forward(&reference_unet).detach());
+        let policy = forward(policy);
+        (reference.join().expect("the reference pass panicked"), policy)
+    });
     let b = batch.pairs();
     let branch = |x: &Tensor<B, 4>, i: usize| x.clone().narrow(0, i * b, b);
     let (loser, winner) = (&batch.loser_target, &batch.winner_target);

@@ -7,6 +7,8 @@
 //! one pair at a time, so a rerun fills in only what is missing.
 
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::mpsc;
 
 use burn::prelude::*;
 use burn::tensor::DType;
@@ -15,10 +17,10 @@ use duo_core::device::{BackendTask, DeviceChoice, FloatType, dispatch};
 use duo_core::eval::{Condition, Judge, SeededSampler};
 use duo_core::judge::nudenet::NudityPreset;
 use duo_core::pipelines::{Generation, NoiseSource, StableDiffusion, save_image_grid};
+use duo_core::progress::Progress;
 use duo_core::schedulers::{Scheduler, SchedulerChoice, SchedulerKind};
 use duo_core::world;
 use duo_core::{DuoError, ModelFolder, Result};
-use indicatif::{ProgressBar, ProgressStyle};
 use serde::{Deserialize, Serialize};
 
 use crate::train::config::{JudgeChoice, PairsSection};
@@ -169,6 +171,9 @@ fn settings(args: &PairsArgs) -> Result<PairsSection> {
     })
 }
 
+/// Pairs made at once, each on a thread of its own.
+const PAIR_WORKERS: usize = 2;
+
 /// Makes the pairs `p` describes with `sd` into `<p.dir>/<concept>/`, keeping those already made,
 /// judged by `judge` (`None`: every image is accepted). `model` names the model in the manifest.
 pub fn make_pairs<B: Backend>(
@@ -194,33 +199,60 @@ pub fn make_pairs<B: Backend>(
     manifest.judge = judge.map(|j| j.settings()).unwrap_or(serde_json::Value::Null);
     manifest.failed.clear();
 
-    let bar = ProgressBar::new(p.count as u64).with_style(
-        ProgressStyle::with_template("pairs [{bar:30}] {pos}/{len} {msg} {elapsed_precise}")
-            .expect("static template"),
-    );
+    let progress = Progress::new("pairs", p.count as u64, "pairs");
+    let mut todo = Vec::new();
     for index in 0..p.count {
         let (unsafe_png, safe_png) = pair_paths(&dir, index);
-        let done = manifest.pairs.iter().any(|pair| pair.index == index);
-        if done && unsafe_png.is_file() && safe_png.is_file() {
-            bar.inc(1);
-            continue;
+        if manifest.pairs.iter().any(|pair| pair.index == index) && unsafe_png.is_file() && safe_png.is_file()
+        {
+            progress.inc(1);
+        } else {
+            manifest.pairs.retain(|pair| pair.index != index);
+            todo.push(index);
         }
-        manifest.pairs.retain(|pair| pair.index != index);
-        let prompts = (
-            p.unsafe_prompts[index % p.unsafe_prompts.len()].as_str(),
-            p.safe_prompts[index % p.safe_prompts.len()].as_str(),
-        );
-        match make_pair(sd, &scheduler, judge, p, index, prompts, (&unsafe_png, &safe_png))? {
-            Ok(record) => manifest.pairs.push(record),
-            Err(reason) => manifest.failed.push((index, reason)),
-        }
-        manifest.pairs.sort_by_key(|pair| pair.index);
-        duo_core::fsutil::write_json(&manifest_path, &manifest)?;
-        let rejects: usize = manifest.pairs.iter().map(|pair| pair.unsafe_rejects + pair.safe_rejects).sum();
-        bar.set_message(format!("{rejects} rejected candidates, {} failed pairs", manifest.failed.len()));
-        bar.inc(1);
     }
-    bar.finish_and_clear();
+    // Each pair is drawn from its own seeds, so pairs are independent and can be made side by side:
+    // one small sampling batch keeps a CPU backend on about one core.
+    let workers =
+        std::thread::available_parallelism().map_or(1, |n| n.get()).min(PAIR_WORKERS).min(todo.len());
+    let next = AtomicUsize::new(0);
+    let stop = AtomicBool::new(false);
+    let (sender, finished) = mpsc::channel();
+    std::thread::scope(|scope| -> Result<()> {
+        for _ in 0..workers {
+            let sender = sender.clone();
+            let (todo, next, stop, scheduler, dir) = (&todo, &next, &stop, &scheduler, &dir);
+            scope.spawn(move || {
+                while !stop.load(Ordering::Relaxed) {
+                    let Some(&index) = todo.get(next.fetch_add(1, Ordering::Relaxed)) else { break };
+                    let prompts = (
+                        p.unsafe_prompts[index % p.unsafe_prompts.len()].as_str(),
+                        p.safe_prompts[index % p.safe_prompts.len()].as_str(),
+                    );
+                    let (unsafe_png, safe_png) = pair_paths(dir, index);
+                    let made = make_pair(sd, scheduler, judge, p, index, prompts, (&unsafe_png, &safe_png));
+                    if sender.send((index, made)).is_err() {
+                        break;
+                    }
+                }
+            });
+        }
+        drop(sender);
+        for (index, made) in finished {
+            // an error stops the other workers after their current pair
+            let made = made.inspect_err(|_| stop.store(true, Ordering::Relaxed))?;
+            match made {
+                Ok(record) => manifest.pairs.push(record),
+                Err(reason) => manifest.failed.push((index, reason)),
+            }
+            manifest.pairs.sort_by_key(|pair| pair.index);
+            manifest.failed.sort_by_key(|(index, _)| *index);
+            duo_core::fsutil::write_json(&manifest_path, &manifest)?;
+            progress.inc(1);
+        }
+        Ok(())
+    })?;
+    progress.finish();
     let rejects = (
         manifest.pairs.iter().map(|pair| pair.unsafe_rejects).sum::<usize>(),
         manifest.pairs.iter().map(|pair| pair.safe_rejects).sum::<usize>(),

@@ -77,9 +77,12 @@ impl<B: Backend> GroupNorm32<B> {
         let (var, mean) = grouped.clone().var_mean_bias(2);
         let normed = (grouped - mean).div((var + self.epsilon).sqrt());
         let normed = cast_back(normed, dtype).reshape([batch, channels, height, width]);
-        let weight = self.weight.val().reshape([1, channels, 1, 1]);
-        let bias = self.bias.val().reshape([1, channels, 1, 1]);
-        normed * weight + bias
+        // One value per (image, channel), laid out as such: Flex applies that to each row of
+        // height·width values in one vectorised pass, where a [1, C, 1, 1] broadcast over the batch
+        // walks the tensor an element at a time. The products and sums are the same.
+        let per_row =
+            |p: Tensor<B, 1>| p.reshape([1, channels]).repeat_dim(0, batch).reshape([batch, channels, 1, 1]);
+        normed * per_row(self.weight.val()) + per_row(self.bias.val())
     }
 }
 
