@@ -219,3 +219,35 @@ fn sft_is_the_winner_branch_mse() {
     // DUO's loss on the same batch is another number
     assert!((scalar(duo_unet_loss(&unet, &batch_a, 500.0, 1e7, Objective::Duo).loss) - sft).abs() > 1e-6);
 }
+
+/// With fresh adapters (LoRA B = 0) the policy is the reference, so the DPO loss is ln 2 and the
+/// prior term 0, also for a UNet whose random weights are drawn lazily, on first use: the
+/// reference pass's copy must share them, not draw its own.
+#[test]
+fn fresh_adapters_on_lazily_drawn_weights_give_ln_2() {
+    use duo_core::lora::{LoraConfig, attach_lora};
+    use duo_core::models::UNet2DConditionConfig;
+    use duo_core::objective::{DuoBatch, duo_unet_loss};
+    use duo_core::pipelines::NoiseSource;
+
+    type A = Autodiff<Cpu>;
+    let device = Default::default();
+    let path = common::fixtures().join("models/sd1-tiny/unet/config.json");
+    let layout = UNet2DConditionConfig::from_file(&path).unwrap().layout(&path).unwrap();
+    let unet = attach_lora(layout.init::<A>(&device), &LoraConfig::default(), &device).unwrap();
+    let (b, c, d) = (2, layout.config.in_channels, layout.config.cross_attention_dim);
+    let mut noise = NoiseSource::new(3);
+    let batch = DuoBatch {
+        input: noise.normal::<A, 4>([3 * b, c, 8, 8], &device),
+        timesteps: Tensor::from_data(
+            TensorData::new(vec![100.0f32, 700.0, 300.0, 900.0, 999.0, 999.0], [3 * b]),
+            &device,
+        ),
+        context: noise.normal::<A, 3>([3 * b, 77, d], &device),
+        loser_target: noise.normal::<A, 4>([b, c, 8, 8], &device),
+        winner_target: noise.normal::<A, 4>([b, c, 8, 8], &device),
+    };
+    let loss = duo_unet_loss(&unet, &batch, 500.0, 1e7, Objective::Duo);
+    assert_close("DPO loss", scalar(loss.dpo), std::f64::consts::LN_2);
+    assert_close("prior loss", scalar(loss.prior), 0.0);
+}

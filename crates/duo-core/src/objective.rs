@@ -149,6 +149,9 @@ pub fn duo_unet_loss<B: Backend>(
     // The reference pass (a copy with its own adapters off) on a thread of its own beside the
     // policy's: neither depends on the other, and on a CPU the toy UNet's kernels are too small to
     // keep both cores busy. The same kernels run on the same inputs, so the values are the same.
+    // A copy of a lazily initialised weight would draw weights of its own (a random-weight UNet's
+    // are drawn on first use): drawn first, they are shared.
+    policy.visit(&mut DrawWeights);
     let reference_unet = policy.clone();
     set_lora_enabled(&reference_unet, false);
     let (reference, policy) = std::thread::scope(|scope| {
@@ -305,6 +308,15 @@ pub fn clip_global_grad_norm<B: AutodiffBackend, M: AutodiffModule<B>>(
         module.visit(&mut ScaleGrads::<B> { grads: &mut grads, coef, backend: std::marker::PhantomData });
     }
     (grads, norm)
+}
+
+/// Initialises every lazily initialised weight of a module (a no-op for loaded weights).
+struct DrawWeights;
+
+impl<B: Backend> ModuleVisitor<B> for DrawWeights {
+    fn visit_float<const D: usize>(&mut self, param: &Param<Tensor<B, D>>) {
+        let _ = param.val();
+    }
 }
 
 /// Σ‖g‖² over the parameters that have a gradient, accumulated on the device (one read at the end).

@@ -567,4 +567,38 @@ mod tests {
         let err = load_err(&file, &[]);
         assert!(err.contains("pairs.unsafe_prompts is empty") && err.contains("empty-prompts.toml"), "{err}");
     }
+
+    #[test]
+    fn adversarial_rounds_fall_on_checkpoints_within_the_training() {
+        let toy = configs().join("toy-cross.toml");
+        let load = |sets: &[&str]| {
+            let sets: Vec<String> = sets.iter().map(|s| s.to_string()).collect();
+            DuoConfig::load(&toy, &sets).unwrap()
+        };
+        assert!(load(&[]).adversarial_steps().is_empty(), "off by default");
+        // 400 steps, checkpoints every 50: thirds at 133 and 267, on the nearest checkpoints
+        assert_eq!(load(&["duo.adversarial_rounds=2"]).adversarial_steps(), [150, 250]);
+        let every = load(&["duo.adversarial_rounds=3", "duo.adversarial_every=100"]);
+        assert_eq!(every.adversarial_steps(), [100, 200, 300]);
+        for (sets, expected) in [
+            (
+                &["duo.adversarial_rounds=4", "duo.adversarial_every=100"][..],
+                "strictly between 0 and training.steps",
+            ),
+            (
+                &["duo.adversarial_rounds=1", "duo.adversarial_every=75"],
+                "multiple of training.checkpoint_every",
+            ),
+            (&["duo.adversarial_rounds=12"], "one round per checkpoint"),
+            (&["duo.adversarial_rounds=1", "pairs.judge=none"], "needs pairs.judge"),
+            (&["duo.adversarial_rounds=1", "duo.adversarial_seeds=0"], "adversarial_seeds"),
+        ] {
+            let err = load_err(&toy, sets);
+            assert!(err.contains(expected), "{sets:?}: {err}");
+        }
+        // a config without the attack's settings names the table to add
+        let violence = configs().join("sd14-violence-blood.toml");
+        let err = load_err(&violence, &["duo.adversarial_rounds=1"]);
+        assert!(err.contains("[eval.attack.unlearndiffatk]"), "{err}");
+    }
 }
