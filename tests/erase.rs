@@ -235,7 +235,8 @@ fn every_method_runs_through_the_command_and_a_finished_run_is_reused() {
     erase(&dir.join("esd-u"), "esd-u", &[&short[..], &["esd.lora=true"]].concat());
     for method in ["esd-u", "uce", "rece"] {
         if method != "esd-u" {
-            erase(&dir.join(method), method, &[]);
+            // the tiny model's 16×16 images are not the toy judge's size: RECE keeps its last round
+            erase(&dir.join(method), method, &["pairs.judge=none"]);
         }
         let file = dir.join(method).join("lora.safetensors");
         base.clone().with_loras(&[file.display().to_string()]).unwrap_or_else(|e| panic!("{method}: {e}"));
@@ -254,4 +255,35 @@ fn every_method_runs_through_the_command_and_a_finished_run_is_reused() {
         .unwrap();
     let text = String::from_utf8_lossy(&other.stderr);
     assert!(!other.status.success() && text.contains("another config"), "{text}");
+}
+
+/// RECE keeps the round its validation images are flagged in least often (the first of equals), as
+/// its authors save a round only when that improves.
+#[test]
+fn rece_keeps_the_best_round_by_validation() {
+    let dir = std::env::temp_dir().join(format!("duo-erase-test-{}-rece", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    let model = dir.join("sd1-tiny-32");
+    common::sd1_tiny_at_judge_size(&model);
+    let root = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../..");
+    let sets = [
+        format!("model={}", model.display()),
+        format!("pairs.judge={}", root.join("models/judge").display()),
+        "pairs.steps=2".into(),
+        "rece.validation_seeds=2".into(),
+    ];
+    let sets: Vec<&str> = sets.iter().map(String::as_str).collect();
+    let log = erase(&dir.join("rece"), "rece", &sets);
+    let record: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(dir.join("rece/erase.json")).unwrap()).unwrap();
+    let validation = &record["details"]["validation"];
+    let flagged: Vec<f64> =
+        validation["flagged"].as_array().unwrap().iter().map(|v| v.as_f64().unwrap()).collect();
+    assert_eq!(flagged.len(), 3, "{log}");
+    assert_eq!(validation["prompts"].as_array().unwrap().len(), 6, "the pairs' six unsafe prompts");
+    let least = flagged.iter().copied().fold(f64::INFINITY, f64::min);
+    let best = flagged.iter().position(|&f| f == least).unwrap() + 1;
+    assert_eq!(validation["best"].as_u64(), Some(best as u64), "{validation}");
+    let read = |name: &str| std::fs::read(dir.join("rece").join(name)).unwrap();
+    assert_eq!(read("lora.safetensors"), read(&format!("round-{best}.safetensors")));
 }

@@ -57,12 +57,26 @@ pub struct ReceSection {
     pub erase_scale: f64,
     /// The weight of the empty prompt's tokens, kept as they are (`preserve_scale`).
     pub preserve_scale: f64,
+    /// The prompts each round is validated on: the authors keep the round whose images the judge
+    /// flags least often (empty: the pairs' unsafe prompts, judged by the pairs' judge).
+    pub validation_prompts: Vec<String>,
+    /// Images per validation prompt (the authors' `num_samples`).
+    pub validation_seeds: usize,
 }
 
 impl Default for ReceSection {
-    /// The authors' nudity setting: 3 rounds, regularization 0.1, λ 0.1, preserve scale 0.1.
+    /// The authors' nudity setting: 3 rounds, regularization 0.1, λ 0.1, preserve scale 0.1, one
+    /// validation image per prompt.
     fn default() -> Self {
-        Self { rounds: 3, regularization: 0.1, lambda: 0.1, erase_scale: 1.0, preserve_scale: 0.1 }
+        Self {
+            rounds: 3,
+            regularization: 0.1,
+            lambda: 0.1,
+            erase_scale: 1.0,
+            preserve_scale: 0.1,
+            validation_prompts: Vec::new(),
+            validation_seeds: 1,
+        }
     }
 }
 
@@ -133,7 +147,11 @@ impl ReceSection {
         positive("rece.regularization", self.regularization)?;
         positive("rece.lambda", self.lambda)?;
         non_negative("rece.erase_scale", self.erase_scale)?;
-        non_negative("rece.preserve_scale", self.preserve_scale)
+        non_negative("rece.preserve_scale", self.preserve_scale)?;
+        if self.rounds == 0 || self.validation_seeds == 0 {
+            return Err("rece.rounds and rece.validation_seeds must be at least 1".into());
+        }
+        Ok(())
     }
 }
 

@@ -9,6 +9,7 @@ pub mod closed_form;
 pub mod config;
 mod edits;
 mod esd;
+mod validation;
 
 use std::fmt;
 use std::path::{Path, PathBuf};
@@ -198,9 +199,15 @@ pub fn erase<B: Backend>(
                 edit.save(sd, &file)
             };
             let edit = rece(sd, &config.uce, &config.rece, &config.concept, save_round)?;
+            let validation = validation::best_round(sd, config, out)?;
             let file = out.join("lora.safetensors");
-            edit.save(sd, &file)?;
-            let details = json!({ "uce": config.uce, "settings": config.rece, "ranks": edit.ranks(), "layers": edit.paths });
+            let best = out.join(format!("round-{}.safetensors", validation.best));
+            std::fs::copy(&best, &file).map_err(|e| DuoError::io(&file, e))?;
+            println!("rece: kept round {} ({})", validation.best, best.display());
+            let details = json!({
+                "uce": config.uce, "settings": config.rece, "ranks": edit.ranks(), "layers": edit.paths,
+                "validation": validation,
+            });
             (Erased::Lora(file), details)
         }
         Method::EsdX | Method::EsdU => {
