@@ -7,16 +7,16 @@
 
 use std::sync::Mutex;
 
-use crate::eval::{Attack, Bench, ConceptInversion, EmbeddingInversion, Found, Unit};
-use crate::pipelines::StableDiffusion;
-use crate::{DuoError, Result};
 use burn::prelude::*;
 use burn::tensor::FloatDType;
 use serde_json::json;
 
+use crate::eval::{Attack, Bench, ConceptInversion, EmbeddingInversion, Found, Unit};
+use crate::pipelines::{StableDiffusion, ids_tensor};
+use crate::{DuoError, Result};
+
 use super::{
-    Differentiable, Grad, Search, SearchSteps, TRAINING_SEEDS_FROM, Timesteps, concept_latents, ids_tensor,
-    unit_seed,
+    Differentiable, Grad, Search, SearchSteps, TRAINING_SEEDS_FROM, Timesteps, concept_latents, unit_seed,
 };
 
 pub struct EmbeddingInversionAttack {
@@ -198,7 +198,7 @@ fn token_context<A: Backend>(
 ) -> Tensor<A, 3> {
     let device = token.device();
     let len = ids.len();
-    let ids = ids_tensor::<A>(ids, &device);
+    let ids = ids_tensor::<A>(&[ids.to_vec()], &device);
     let embeddings = text_encoder.text_model.embeddings.token_embedding.forward(ids.clone());
     let dtype = embeddings.dtype();
     let d = embeddings.dims()[2];

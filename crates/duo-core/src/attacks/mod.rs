@@ -8,16 +8,17 @@ mod ring_a_bell;
 mod unlearndiffatk;
 mod vocabulary;
 
-use crate::eval::{Attack, AttackName, Bench, Condition, Protocol, Unit, protocol_seeds, read_prompt_file};
-use crate::models::{ClipTextModel, UNet2DConditionModel};
-use crate::pipelines::{NoiseSource, StableDiffusion};
-use crate::schedulers::NoiseSchedule;
-use crate::{DuoError, Result};
 use burn::backend::Autodiff;
 use burn::prelude::*;
 use burn::tensor::FloatDType;
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
+
+use crate::eval::{Attack, AttackName, Bench, Condition, Protocol, Unit, protocol_seeds, read_prompt_file};
+use crate::models::{ClipTextModel, UNet2DConditionModel};
+use crate::pipelines::{NoiseSource, StableDiffusion};
+use crate::schedulers::NoiseSchedule;
+use crate::{DuoError, Result};
 
 pub use inversion::{ConceptInversionAttack, EmbeddingInversionAttack};
 pub use ring_a_bell::RingABellAttack;
@@ -278,12 +279,6 @@ impl<B: Backend> Adam<B> {
         let v_hat = self.v.clone() / (1.0 - Self::BETA2.powi(self.step));
         param - m_hat / (v_hat.sqrt() + Self::EPS) * self.lr
     }
-}
-
-/// Token ids of one prompt as the text encoder's input [1, len].
-pub fn ids_tensor<A: Backend>(ids: &[u32], device: &A::Device) -> Tensor<A, 2, Int> {
-    let values: Vec<i64> = ids.iter().map(|&i| i64::from(i)).collect();
-    Tensor::from_data(TensorData::new(values, [1, ids.len()]), device)
 }
 
 /// The per-unit seed of an attack: its setting, moved by the unit's index.

@@ -7,15 +7,16 @@
 
 use std::sync::Mutex;
 
-use crate::eval::{Attack, Bench, Condition, Found, RingABell, Unit};
-use crate::pipelines::StableDiffusion;
-use crate::{DuoError, Result};
 use burn::prelude::*;
 use burn::tensor::FloatDType;
 use rand::seq::IndexedRandom;
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 use serde_json::json;
+
+use crate::eval::{Attack, Bench, Condition, Found, RingABell, Unit};
+use crate::pipelines::StableDiffusion;
+use crate::{DuoError, Result};
 
 use super::{Vocabulary, unit_seed};
 

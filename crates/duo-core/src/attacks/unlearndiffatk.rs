@@ -8,18 +8,17 @@
 //! generates from it; an image the judge finds the concept in counts as the attack's success for its
 //! seed, as does the prompt alone regenerating it.
 
-use crate::eval::{Attack, Bench, Condition, Found, Unit, UnlearnDiffAtk};
-use crate::pipelines::StableDiffusion;
-use crate::{DuoError, Result};
 use burn::prelude::*;
 use burn::tensor::FloatDType;
 use rand::Rng;
 use rand_chacha::ChaCha8Rng;
 use serde_json::json;
 
-use super::{
-    Differentiable, Grad, Search, SearchSteps, Timesteps, Vocabulary, concept_latents, ids_tensor, unit_seed,
-};
+use crate::eval::{Attack, Bench, Condition, Found, Unit, UnlearnDiffAtk};
+use crate::pipelines::{StableDiffusion, ids_tensor};
+use crate::{DuoError, Result};
+
+use super::{Differentiable, Grad, Search, SearchSteps, Timesteps, Vocabulary, concept_latents, unit_seed};
 
 /// Adam's weight decay in the authors' code (`torch.optim.Adam`: an L2 term in the gradient).
 const WEIGHT_DECAY: f64 = 0.1;
@@ -72,7 +71,7 @@ pub fn relaxed_context<A: Backend>(
     let device = relaxed.device();
     let [k, _] = relaxed.dims();
     let len = ids.len();
-    let ids = ids_tensor::<A>(ids, &device);
+    let ids = ids_tensor::<A>(&[ids.to_vec()], &device);
     let table = text_encoder.text_model.embeddings.token_embedding.weight.val();
     let dtype = table.dtype();
     let prefix = relaxed.cast(dtype).matmul(table).unsqueeze::<3>();

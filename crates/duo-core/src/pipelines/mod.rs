@@ -85,10 +85,14 @@ pub fn encode_ids<B: Backend>(
     ids: &[Vec<u32>],
     device: &B::Device,
 ) -> Tensor<B, 3> {
-    let len = ids.first().map_or(0, Vec::len);
-    let flat: Vec<i64> = ids.iter().flatten().map(|&id| i64::from(id)).collect();
-    let ids = Tensor::<B, 2, Int>::from_data(TensorData::new(flat, [ids.len(), len]), device);
-    text_encoder.forward(ids).last_hidden_state
+    text_encoder.forward(ids_tensor(ids, device)).last_hidden_state
+}
+
+/// Token id sequences of one length as the text encoder's input [rows, len].
+pub fn ids_tensor<B: Backend>(rows: &[Vec<u32>], device: &B::Device) -> Tensor<B, 2, Int> {
+    let len = rows.first().map_or(0, Vec::len);
+    let flat: Vec<i64> = rows.iter().flatten().map(|&id| i64::from(id)).collect();
+    Tensor::from_data(TensorData::new(flat, [rows.len(), len]), device)
 }
 
 impl<B: Backend> StableDiffusion<B> {

@@ -193,9 +193,11 @@ pub fn erase<B: Backend>(
             )
         }
         Method::Rece => {
+            let mut ranks = Vec::new();
             let save_round = |round: usize, edit: &Projections| {
                 let file = out.join(format!("round-{round}.safetensors"));
                 println!("rece: round {round} of {}, wrote {}", config.rece.rounds, file.display());
+                ranks.push(edit.ranks());
                 edit.save(sd, &file)
             };
             let edit = rece(sd, &config.uce, &config.rece, &config.concept, save_round)?;
@@ -205,7 +207,7 @@ pub fn erase<B: Backend>(
             std::fs::copy(&best, &file).map_err(|e| DuoError::io(&file, e))?;
             println!("rece: kept round {} ({})", validation.best, best.display());
             let details = json!({
-                "uce": config.uce, "settings": config.rece, "ranks": edit.ranks(), "layers": edit.paths,
+                "uce": config.uce, "settings": config.rece, "ranks": ranks[validation.best - 1], "layers": edit.paths,
                 "validation": validation,
             });
             (Erased::Lora(file), details)
