@@ -161,9 +161,11 @@ fn a_rece_round_erases_the_embedding_the_uce_edit_still_maps_to_the_concept() {
     }
 }
 
-#[test]
-fn esd_targets_the_frozen_noise_guided_away_from_the_concept() {
-    let sd = tiny();
+/// ESD's partial sampling and target on `folder`, against the same steps written out here with
+/// the UNet's outputs turned into ε by hand (`to_eps(output, x, ᾱ)`).
+fn check_esd_target(folder: &str, to_eps: impl Fn(Tensor<B, 4>, Tensor<B, 4>, f64) -> Tensor<B, 4>) {
+    let folder = ModelFolder::open(fixtures().join("models").join(folder)).unwrap();
+    let sd = StableDiffusion::<B>::load(&folder, &Default::default()).unwrap();
     let settings =
         EsdSection { negative_guidance: 1.5, start_guidance: 3.0, ddim_steps: 10, ..EsdSection::default() };
     let setup = EsdSetup::new(&sd, &["a red cross".into()], &settings).unwrap();
@@ -175,10 +177,11 @@ fn esd_targets_the_frozen_noise_guided_away_from_the_concept() {
 
     let embed = |p: &str| sd.encode_prompts(&[p.to_string()]);
     let (concept, empty) = (embed("a red cross"), embed(""));
-    let eps = |x: Tensor<B, 4>, t: usize, context: Tensor<B, 3>| {
-        sd.unet.forward(x, Tensor::from_floats([t as f32], &device), context)
-    };
     let ac = NoiseSchedule::from_config(&sd.scheduler_config).unwrap().alphas_cumprod().to_vec();
+    let eps = |x: Tensor<B, 4>, t: usize, context: Tensor<B, 3>| {
+        let output = sd.unet.forward(x.clone(), Tensor::from_floats([t as f32], &device), context);
+        to_eps(output, x, ac[t])
+    };
     let mut expected = Tensor::<B, 4>::from_data(draw.noise.clone(), &device);
     for (t, t_prev) in [(801, 701), (701, 601)] {
         let (u, c) = (eps(expected.clone(), t, empty.clone()), eps(expected.clone(), t, concept.clone()));
@@ -192,6 +195,17 @@ fn esd_targets_the_frozen_noise_guided_away_from_the_concept() {
     let (e0, ep) = (eps(x.clone(), draw.t_ddpm, empty), eps(x, draw.t_ddpm, concept));
     let by_hand = e0.clone() - (ep - e0) * 1.5;
     common::assert_close("ESD's target", &target.into_data(), &by_hand.into_data(), 1e-6);
+}
+
+#[test]
+fn esd_targets_the_frozen_noise_guided_away_from_the_concept() {
+    check_esd_target("sd1-tiny", |output, _, _| output);
+}
+
+/// SD 2.x predicts v = √ᾱ·ε − √(1−ᾱ)·x₀, so ε = √ᾱ·v + √(1−ᾱ)·x_t.
+#[test]
+fn esd_on_a_v_predicting_model_works_in_noise_space() {
+    check_esd_target("sd2-tiny", |v, x, a| v * a.sqrt() + x * (1.0 - a).sqrt());
 }
 
 fn erase(out: &Path, method: &str, sets: &[&str]) -> String {
@@ -242,6 +256,13 @@ fn every_method_runs_through_the_command_and_a_finished_run_is_reused() {
         base.clone().with_loras(&[file.display().to_string()]).unwrap_or_else(|e| panic!("{method}: {e}"));
     }
     assert!(dir.join("rece/round-3.safetensors").is_file(), "every RECE round is kept");
+    // a v-predicting SD 2.x folder takes every method too
+    let sd2 = format!("model={}", fixtures().join("models/sd2-tiny").display());
+    for method in ["esd-x", "uce", "rece"] {
+        let sets = [&short[..], &["esd.lora=true", "pairs.judge=none", sd2.as_str()]].concat();
+        erase(&dir.join(format!("{method}-sd2")), method, &sets);
+        assert!(dir.join(format!("{method}-sd2/lora.safetensors")).is_file(), "{method} on SD 2");
+    }
     let again = erase(&dir.join("uce"), "uce", &[]);
     assert!(again.contains("reused"), "{again}");
     // … but not under another config

@@ -123,6 +123,23 @@ impl NoiseSchedule {
         signal * noise - sigma * original
     }
 
+    /// The noise ε that a model's `output` at `sample` (x_t) stands for under the config's
+    /// `prediction_type`: the output itself for "epsilon", √ᾱ_t·v + √(1−ᾱ_t)·x_t for
+    /// "v_prediction", (x_t − √ᾱ_t·x₀) / √(1−ᾱ_t) for "sample". Panics as [`NoiseSchedule::add_noise`].
+    pub fn epsilon<B: Backend>(
+        &self,
+        output: Tensor<B, 4>,
+        sample: Tensor<B, 4>,
+        timesteps: &[usize],
+    ) -> Tensor<B, 4> {
+        let [signal, sigma] = self.columns(timesteps, &sample);
+        match self.prediction_type {
+            PredictionType::Epsilon => output,
+            PredictionType::VPrediction => signal * output + sigma * sample,
+            PredictionType::Sample => (sample - signal * output) / sigma,
+        }
+    }
+
     /// The regression target for the config's `prediction_type`: ε for "epsilon", v for
     /// "v_prediction", x₀ for "sample". Panics as [`NoiseSchedule::add_noise`].
     pub fn training_target<B: Backend>(

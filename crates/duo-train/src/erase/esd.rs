@@ -10,6 +10,9 @@
 //! ESD-x trains the cross-attention (`attn2`), ESD-u everything else but the time embedding and the
 //! output layers; either the weights themselves (published) or LoRA adapters on those layers.
 //!
+//! A model that predicts v or x₀ (SD 2.x) has its outputs turned into ε first, so the equation, the
+//! sampling and the loss stay the published ones.
+//!
 //! The sampling keeps the script's two quirks: the first DDIM step is skipped (its noise counts as
 //! the second step's), and the latent stops one step below the slice `t` is drawn from.
 
@@ -25,7 +28,7 @@ use burn::train::{InferenceStep, TrainOutput, TrainStep};
 use duo_core::lora::{LoraConfig, LoraFormat, LoraNetworks, LoraTargets, attach_lora, save_lora};
 use duo_core::models::UNet2DConditionModel;
 use duo_core::pipelines::StableDiffusion;
-use duo_core::schedulers::{NoiseSchedule, PredictionType};
+use duo_core::schedulers::NoiseSchedule;
 use duo_core::weights::{UNET_SAVE_REMAPS, safetensors_bytes};
 use duo_core::{DuoError, Result};
 use rand::{Rng, SeedableRng};
@@ -153,6 +156,8 @@ pub struct EsdSetup {
     /// The concept's prompts, then "": [prompts + 1, 77, d].
     embeddings: TensorData,
     ddim: DdimSteps,
+    /// Turns a v- or x₀-predicting model's output into ε, which ESD's equation is written in.
+    schedule: NoiseSchedule,
     start_guidance: f64,
     negative_guidance: f64,
     latent_shape: [usize; 4],
@@ -173,18 +178,13 @@ impl EsdSetup {
     /// latent shape (the UNet's sample size; 64, SD's 512 px, when its config has none).
     pub fn new<B: Backend>(sd: &StableDiffusion<B>, prompts: &[String], s: &EsdSection) -> Result<Self> {
         let schedule = NoiseSchedule::from_config(&sd.scheduler_config)?;
-        if schedule.prediction_type() != PredictionType::Epsilon {
-            return Err(DuoError::Invalid(format!(
-                "ESD's target is written for ε-prediction, and this model predicts {:?}",
-                schedule.prediction_type()
-            )));
-        }
         let mut texts = prompts.to_vec();
         texts.push(String::new());
         let side = sd.unet_sample_size.unwrap_or(64);
         Ok(Self {
             embeddings: sd.encode_prompts(&texts).cast(FloatDType::F32).into_data(),
             ddim: DdimSteps::new(&schedule, s.ddim_steps)?,
+            schedule,
             start_guidance: s.start_guidance,
             negative_guidance: s.negative_guidance,
             latent_shape: [1, sd.latent_channels, side, side],
@@ -225,7 +225,10 @@ impl EsdSetup {
         let device = x.device();
         let b = x.dims()[0];
         let timesteps = Tensor::<B, 1>::from_data(TensorData::new(vec![t as f32; b], [b]), &device);
-        unet.forward(x.cast(self.dtype), timesteps, context).cast(FloatDType::F32)
+        let output = unet.forward(x.clone().cast(self.dtype), timesteps, context).cast(FloatDType::F32);
+        // the DDIM timesteps reach T (the script's `+1`); ᾱ there is the last one's, as in `DdimSteps`
+        let t = t.min(self.schedule.num_train_timesteps() - 1);
+        self.schedule.epsilon(output, x, &vec![t; b])
     }
 
     /// The latent the script trains on: `unet` samples the concept's prompt from `draw.noise` with
