@@ -1,6 +1,7 @@
 #!/usr/bin/env python3
 """PyTorch + diffusers reference for `duo-bench perf --compare`: the same measurements on the same
-config, random weights. Not run in CI; needs torch and diffusers (see shared docs: offline-assets).
+config, random weights. Not run in CI; needs torch and diffusers
+(docs/reference-stack.md).
 
 Prints nothing but errors; writes a JSON object with unet_forward_ms, unet_forward_backward_ms,
 peak_rss_mib (CPU), sampling_images_per_s, unet_parameters. With --duo-step (needs peft): the time

@@ -2,7 +2,7 @@
 """Checks that an exported toy model folder (`duo-train pretrain`, e.g. models/toy) is a working
 diffusers pipeline: `StableDiffusionPipeline.from_pretrained` loads it and generates, and our UNet
 (`duo-bench forward`) gives diffusers' output on the same inputs. Not run in CI (needs torch and
-diffusers, see the shared offline-assets notes).
+diffusers: docs/reference-stack.md).
 
     python tests/toy/check_diffusers.py models/toy [path/to/duo-bench]
 """

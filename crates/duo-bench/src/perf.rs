@@ -283,18 +283,36 @@ pub(crate) fn reference_json(
     if args.gradient_checkpointing {
         command.arg("--gradient-checkpointing");
     }
+    // our measurement is over: the memory its allocator kept would only crowd the reference out
+    duo_core::device::release_freed_memory();
     let status = command
         .status()
         .map_err(|e| DuoError::Invalid(format!("could not run {} {}: {e}", args.python, script.display())))?;
     if !status.success() {
         return Err(DuoError::Invalid(format!(
-            "the PyTorch reference failed ({status}); is torch + diffusers (+ peft for --duo-step) installed for `{}`? (see shared docs: offline-assets)",
-            args.python
+            "the PyTorch reference {} failed: {}",
+            script.display(),
+            reference_failure(status, &args.python)
         )));
     }
     let report: serde_json::Value = duo_core::error::read_json(&out)?;
     let _ = std::fs::remove_file(&out);
     Ok((report, torch_device))
+}
+
+/// Why the reference process failed, in words.
+fn reference_failure(status: std::process::ExitStatus, python: &str) -> String {
+    #[cfg(unix)]
+    {
+        use std::os::unix::process::ExitStatusExt;
+        if status.signal() == Some(9) {
+            return "killed (SIGKILL), most often by the kernel for want of memory (see `dmesg`)".into();
+        }
+    }
+    format!(
+        "{status}; is torch + diffusers (+ peft for --duo-step) installed for `{python}`? \
+         (docs/reference-stack.md)"
+    )
 }
 
 fn run_reference(args: &PerfArgs, device: DeviceChoice, float: FloatType) -> Result<PerfReport> {

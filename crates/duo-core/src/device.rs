@@ -254,3 +254,13 @@ pub fn keep_freed_memory() {
         libc::mallopt(libc::M_TOP_PAD, 1 << 30);
     }
 }
+
+/// Hands the free memory that [`keep_freed_memory`] keeps back to the system, for when another
+/// process is about to need it (`duo-bench perf --compare` starts PyTorch after our measurement).
+pub fn release_freed_memory() {
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    // SAFETY: malloc_trim only returns free pages of the allocator's arenas to the system.
+    unsafe {
+        libc::malloc_trim(0);
+    }
+}
