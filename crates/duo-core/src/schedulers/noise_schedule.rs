@@ -132,11 +132,19 @@ impl NoiseSchedule {
         sample: Tensor<B, 4>,
         timesteps: &[usize],
     ) -> Tensor<B, 4> {
-        let [signal, sigma] = self.columns(timesteps, &sample);
         match self.prediction_type {
-            PredictionType::Epsilon => output,
-            PredictionType::VPrediction => signal * output + sigma * sample,
-            PredictionType::Sample => (sample - signal * output) / sigma,
+            PredictionType::Epsilon => {
+                self.check_timesteps(timesteps, sample.dims()[0]);
+                output
+            }
+            PredictionType::VPrediction => {
+                let [signal, sigma] = self.columns(timesteps, &sample);
+                signal * output + sigma * sample
+            }
+            PredictionType::Sample => {
+                let [signal, sigma] = self.columns(timesteps, &sample);
+                (sample - signal * output) / sigma
+            }
         }
     }
 
